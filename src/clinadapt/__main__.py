@@ -1,0 +1,3 @@
+from clinadapt.cli import main
+
+raise SystemExit(main())

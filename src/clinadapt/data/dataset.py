@@ -1,0 +1,47 @@
+"""In-memory (or memory-mapped) view of a dataset: splits of images and labels plus provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from clinadapt.data.info import DatasetInfo
+
+SPLITS = ("train", "val", "test")
+
+
+class ImageSource(Protocol):
+    """Anything indexable that yields images: a numpy array, a memmap, or a lazy file list.
+
+    ``source[i]`` is one image as a numpy array, channel-last: (H, W) grayscale, (H, W, C)
+    colour, or (D, H, W) for a volume. ``source[indices]`` with an integer array returns a
+    stacked batch when all items share a shape.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> np.ndarray: ...
+
+
+@dataclass
+class Split:
+    images: ImageSource
+    labels: np.ndarray  # int64, (N, 1) single-label or (N, C) multi-label
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    info: DatasetInfo
+    splits: dict[str, Split]
+    size: int | None = None  # image edge length when uniform, e.g. 28
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Where the data came from: ``source`` (path or URL), ``md5``, ``expected_md5``,
+    ``verified`` (True / False / None when no official checksum exists)."""
+
+    def __getitem__(self, split: str) -> Split:
+        return self.splits[split]
