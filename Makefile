@@ -1,0 +1,41 @@
+# Each target sets up its own virtual environment (once; later runs reuse it).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+SHARED := $(abspath ../shared)
+# Real data and weights, when this checkout sits beside a shared/ folder holding them.
+DEMO_DATA ?= $(or $(CLINADAPT_DATA),$(wildcard $(SHARED)/data/medmnist))
+DEMO_WEIGHTS ?= $(or $(CLINADAPT_WEIGHTS),$(wildcard $(SHARED)/weights))
+
+.PHONY: setup demo test lint format benchmarks clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	CLINADAPT_DATA=$(DEMO_DATA) CLINADAPT_WEIGHTS=$(DEMO_WEIGHTS) $(VENV)/bin/clinadapt quickstart
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/pytest
+
+lint format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+
+benchmarks: $(STAMP)
+	CLINADAPT_DATA=$(DEMO_DATA) CLINADAPT_WEIGHTS=$(DEMO_WEIGHTS) $(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_bf16.py
+	$(PY) benchmarks/bench_memory.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,247 @@
+"""Command line: a thin layer over ``clinadapt.runner``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from clinadapt.errors import ChecksumWarning, ClinadaptError
+
+GRID_AXES = ("dataset", "backbone", "weights", "method", "shots", "seed")
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple = ()) -> None:
+    """One ``--option`` per config field, with the field's help text; unset options stay None."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name == "method_options":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, default=None, metavar="VALUE", help=help_text)
+
+
+def _collect(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name == "method_options":
+            continue
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        out[f.name] = value if isinstance(value, bool) else yaml.safe_load(value)
+        if isinstance(out[f.name], int | float) and f.type in ("str", "str | None"):
+            out[f.name] = value
+    return out
+
+
+def _split_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` overrides; ``method.k=10`` sets an option of the method's config."""
+    from clinadapt.config import parse_overrides
+
+    parsed = parse_overrides(items)
+    out: dict[str, Any] = {}
+    for key, value in parsed.items():
+        if key.startswith("method."):
+            out.setdefault("method_options", {})[key.removeprefix("method.")] = value
+        else:
+            out[key] = value
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.command == "datasets":
+        from clinadapt.data import DATASETS
+
+        for name in DATASETS.names(args.pattern):
+            info = DATASETS.get(name)
+            kind = "3D" if info.ndim == 3 else "2D"
+            splits = "/".join(str(info.splits.get(s, "?")) for s in ("train", "val", "test"))
+            print(f"{name:22s} {kind} {info.task.value:12s} {info.num_classes:3d} classes  "
+                  f"{info.channels} ch  splits {splits}  sizes {list(info.sizes)}")
+    elif args.command == "backbones":
+        from clinadapt.backbones import BACKBONES
+
+        for name in BACKBONES.names(args.pattern):
+            spec = BACKBONES.get(name)
+            print(f"{name:18s} {spec.library}:{spec.model_name}  {spec.description}")
+        print("Any timm model also works as timm:<name>.")
+    else:
+        from clinadapt.adapt import METHODS
+
+        for name in METHODS.names(args.pattern):
+            cls = METHODS.get(name)
+            options = ", ".join(
+                f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+                for f in dataclasses.fields(cls.config_cls)
+            )
+            print(f"{name:12s} {cls.description}\n{'':12s} options: {options}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from clinadapt.config import from_dict, load_yaml
+    from clinadapt.runner.experiment import ExperimentConfig, run_experiment
+    from clinadapt.runner.records import write_json_atomic
+
+    options = load_yaml(args.config) if args.config else {}
+    options.update(_collect(args, ExperimentConfig))
+    overrides = _split_overrides(args.overrides)
+    if "method_options" in overrides:
+        options["method_options"] = {**options.get("method_options", {}),
+                                     **overrides.pop("method_options")}
+    options.update(overrides)
+    cfg = from_dict(ExperimentConfig, options)
+    record = run_experiment(cfg, progress=not args.quiet)
+    out = Path(args.out) if args.out else None
+    if out:
+        write_json_atomic(out, record)
+    test = record["metrics"]["test"]
+    ci = record["metrics"].get("test_ci95", {})
+    print(f"{cfg.dataset} {cfg.backbone} ({cfg.weights}) {cfg.method} shots={cfg.shots} "
+          f"seed={cfg.seed}")
+    for metric in ("auc", "acc", "balanced_accuracy", "macro_f1", "ece"):
+        bounds = ci.get(metric)
+        extra = f"  95% CI [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
+        print(f"  {metric:18s} {test[metric]:.4f}{extra}")
+    if out:
+        print(f"record written to {out}")
+    return 0
+
+
+def _grid_from_args(args: argparse.Namespace):
+    from clinadapt.config import from_dict, load_yaml
+    from clinadapt.runner.bench import GridConfig
+    from clinadapt.runner.experiment import ExperimentConfig
+
+    options = load_yaml(args.config) if args.config else {}
+    for axis in ("datasets", "backbones", "weights", "methods", "shots"):
+        value = getattr(args, axis)
+        if value is not None:
+            options[axis] = [v.strip() for v in value.split(",") if v.strip()]
+    if args.seeds is not None:
+        options["seeds"] = args.seeds
+    base = dict(options.get("base", {}))
+    base.update(_collect(args, ExperimentConfig, skip=GRID_AXES))
+    base.update(_split_overrides(args.overrides))
+    options["base"] = base
+    return from_dict(GridConfig, options, where="bench")
+
+
+def _run_grid_and_report(grid, out: Path, progress: bool) -> int:
+    from clinadapt.runner.bench import run_grid
+    from clinadapt.runner.report import build_report
+
+    counts = run_grid(grid, out, progress=progress)
+    print(f"{counts['done']} runs done, {counts['skipped']} already done (skipped), "
+          f"{counts['failed']} failed, of {counts['total']}; records in {out}")
+    paths = build_report(out)
+    print(f"report: {paths['markdown']} and {paths['html']}")
+    print(paths["markdown"].read_text().split("\n\n")[1])
+    return 1 if counts["failed"] and not counts["done"] else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return _run_grid_and_report(_grid_from_args(args), Path(args.out), not args.quiet)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from clinadapt.runner.presets import quickstart
+
+    preset = quickstart(data_root=args.data_root, weights_root=args.weights_root)
+    for notice in preset.notices:
+        print(f"NOTICE: {notice}", file=sys.stderr)
+    return _run_grid_and_report(preset.grid, Path(args.out), not args.quiet)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from clinadapt.runner.report import build_report
+
+    paths = build_report(args.run_dir, args.out)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clinadapt import __version__
+    from clinadapt.runner.bench import GridConfig
+    from clinadapt.runner.experiment import ExperimentConfig
+
+    parser = argparse.ArgumentParser(
+        prog="clinadapt",
+        description="Adapt vision foundation models to medical images and measure which "
+        "adaptation works on your data.",
+    )
+    parser.add_argument("--version", action="version", version=f"clinadapt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, what in (("datasets", "datasets"), ("backbones", "backbones"),
+                       ("methods", "adaptation methods")):
+        p = sub.add_parser(name, help=f"list registered {what}")
+        p.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'dino*'")
+        p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="run one experiment (YAML file and/or options)")
+    p.add_argument("--config", help="YAML file of ExperimentConfig options")
+    _add_dataclass_options(p, ExperimentConfig)
+    p.add_argument("--out", help="write the JSON record here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="option overrides; method.NAME=VALUE sets a method option")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="run a grid of experiments (resumable) and build a report")
+    p.add_argument("--config", help="YAML file of GridConfig options")
+    for f in dataclasses.fields(GridConfig):
+        if f.name == "base":
+            continue
+        p.add_argument("--" + f.name, default=None, type=int if f.name == "seeds" else str,
+                       help=f.metadata.get("help", ""))
+    _add_dataclass_options(p, ExperimentConfig, skip=GRID_AXES)
+    p.add_argument("--out", default="runs/bench", help="folder of run records (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="options for every run")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quickstart", help="offline-capable demo: BreastMNIST, pretrained vs control")
+    p.add_argument("--data-root", default=None, help="folder of MedMNIST .npz ($CLINADAPT_DATA)")
+    p.add_argument("--weights-root", default=None,
+                   help="folder of safetensors weight folders ($CLINADAPT_WEIGHTS)")
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("report", help="build Markdown/HTML report and plots from run records")
+    p.add_argument("run_dir", help="folder of run records")
+    p.add_argument("--out", default=None, help="report folder (default: RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    warnings.simplefilter("always", ChecksumWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING: {msg}\n"
+    try:
+        return args.func(args)
+    except ClinadaptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed runs are saved; rerun the same command to resume",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,81 @@
+"""One JSON record per run: the only input reports are built from."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RECORD_VERSION = 1
+PACKAGES = ("clinadapt", "torch", "torchvision", "timm", "numpy", "scikit-learn", "safetensors")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity become null so that records stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy scalars
+        return _json_safe(value.item())
+    return value
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write via a temporary file and rename, so an interrupted run never leaves half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_json_safe(data), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_records(directory: str | Path) -> list[dict[str, Any]]:
+    """All complete run records under ``directory`` (skipping unreadable or foreign JSON files)."""
+    records = []
+    for path in sorted(Path(directory).rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
+            data["_path"] = str(path)
+            records.append(data)
+    return records

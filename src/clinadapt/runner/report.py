@@ -1,0 +1,258 @@
+"""Markdown/HTML reports and PNG plots built only from run records."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clinadapt.runner.records import read_records
+
+METRICS = ("auc", "acc", "balanced_accuracy")
+
+
+@dataclass(frozen=True)
+class RowKey:
+    dataset: str
+    backbone: str
+    weights: str
+    pretrained: bool
+    method: str
+    shots: str
+
+
+def _shots_order(shots: str) -> float:
+    return math.inf if shots == "all" else float(shots)
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration: mean and standard deviation over seeds of each metric."""
+    groups: dict[RowKey, list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        if rec.get("failed"):
+            continue
+        cfg = rec["config"]
+        key = RowKey(
+            dataset=rec["dataset"]["name"],
+            backbone=cfg["backbone"],
+            weights=cfg["weights"],
+            pretrained=bool(rec["backbone"]["is_pretrained"]),
+            method=cfg["method"],
+            shots=str(cfg["shots"]),
+        )
+        groups[key].append(rec)
+    rows = []
+    for key, recs in groups.items():
+        row: dict[str, Any] = {**key.__dict__, "seeds": len(recs)}
+        for metric in METRICS:
+            values = [r["metrics"]["test"].get(metric) for r in recs]
+            values = [v for v in values if v is not None and not math.isnan(v)]
+            row[metric] = float(np.mean(values)) if values else math.nan
+            row[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            cis = [r["metrics"].get("test_ci95", {}).get(metric) for r in recs]
+            cis = [c for c in cis if c and None not in c]
+            row[f"{metric}_ci"] = (
+                [float(np.mean([c[0] for c in cis])), float(np.mean([c[1] for c in cis]))]
+                if cis
+                else None
+            )
+        row["verified"] = recs[0]["dataset"]["provenance"].get("verified")
+        row["protocol"] = (
+            f"{recs[0]['preprocessing'].get('resize')} "
+            f"{recs[0]['preprocessing'].get('source_size')}->"
+            f"{recs[0]['preprocessing'].get('input_size')}"
+        )
+        row["time_s"] = float(np.mean([r["timings"].get("total_s", 0.0) for r in recs]))
+        row["fitted_parameters"] = recs[0]["method"]["fitted_parameters"]
+        rows.append(row)
+    rows.sort(
+        key=lambda r: (
+            r["dataset"], r["backbone"], not r["pretrained"], r["weights"], r["method"],
+            _shots_order(r["shots"]),
+        )
+    )
+    return rows
+
+
+def _fmt(row: dict[str, Any], metric: str) -> str:
+    mean = row[metric]
+    if math.isnan(mean):
+        return "n/a"
+    text = f"{mean:.3f} ± {row[f'{metric}_sd']:.3f}"
+    ci = row.get(f"{metric}_ci")
+    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
+
+
+def _weights_label(row: dict[str, Any]) -> str:
+    return row["weights"] if row["pretrained"] else f"{row['weights']} (untrained control)"
+
+
+HEADER = ["dataset", "backbone", "weights", "method", "shots", "seeds", "AUC", "ACC",
+          "balanced acc.", "protocol", "time (s)"]
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            r["dataset"] + ("" if r["verified"] is not False else " (unverified md5)"),
+            r["backbone"],
+            _weights_label(r),
+            r["method"],
+            r["shots"],
+            str(r["seeds"]),
+            _fmt(r, "auc"),
+            _fmt(r, "acc"),
+            _fmt(r, "balanced_accuracy"),
+            r["protocol"],
+            f"{r['time_s']:.1f}",
+        ]
+        for r in rows
+    ]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    return "\n".join(lines)
+
+
+def _curve_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["dataset"], row["backbone"])].append(row)
+    return groups
+
+
+def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """AUC against shots per class, one line per method and weights (controls dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (dataset, backbone), group in _curve_groups(rows).items():
+        shots = sorted({r["shots"] for r in group}, key=_shots_order)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lines: dict[tuple[str, str, bool], list[dict[str, Any]]] = defaultdict(list)
+        for r in group:
+            lines[(r["method"], r["weights"], r["pretrained"])].append(r)
+        for (method, weights, pretrained), pts in sorted(lines.items()):
+            pts.sort(key=lambda r: _shots_order(r["shots"]))
+            x = [shots.index(p["shots"]) for p in pts]
+            y = np.array([p["auc"] for p in pts])
+            sd = np.array([p["auc_sd"] for p in pts])
+            label = f"{method} / {weights}" + ("" if pretrained else " (control)")
+            (line,) = ax.plot(x, y, "o-" if pretrained else "s--", label=label)
+            ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
+        ax.set_xticks(range(len(shots)), shots)
+        ax.set_xlabel("labelled examples per class")
+        ax.set_ylabel("test AUC (mean ± sd over seeds)")
+        ax.set_title(f"{dataset}: {backbone}")
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = out_dir / f"label_efficiency_{dataset}_{backbone.replace(':', '-')}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Bars of AUC with all labels: each pretrained backbone beside its untrained control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r["shots"] == "all"]
+    if not any(not r["pretrained"] for r in full) or not any(r["pretrained"] for r in full):
+        return None
+    cats = sorted({(r["dataset"], r["backbone"], r["method"]) for r in full})
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats)), 4))
+    width = 0.4
+    for offset, pretrained, name in ((-width / 2, True, "pretrained"), (width / 2, False, "control")):
+        vals, errs = [], []
+        for cat in cats:
+            match = [r for r in full if (r["dataset"], r["backbone"], r["method"]) == cat
+                     and r["pretrained"] is pretrained]
+            vals.append(match[0]["auc"] if match else np.nan)
+            errs.append(match[0]["auc_sd"] if match else 0.0)
+        ax.bar(np.arange(len(cats)) + offset, vals, width, yerr=errs, label=name, capsize=2)
+    ax.set_xticks(range(len(cats)), [f"{d}\n{b}\n{m}" for d, b, m in cats], fontsize=6)
+    ax.set_ylabel("test AUC, all labels")
+    ax.set_ylim(0.4, 1.0)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.legend()
+    ax.set_title("pretrained weights versus untrained control")
+    fig.tight_layout()
+    path = out_dir / "pretrained_vs_control.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def failures(records: list[dict[str, Any]]) -> list[str]:
+    return [f"{Path(r['_path']).name}: {r['error']}" for r in records if r.get("failed")]
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write report.md, report.html and PNG plots; return their paths."""
+    from clinadapt.errors import ClinadaptError
+
+    records = read_records(run_dir)
+    if not records:
+        raise ClinadaptError(f"no run records found under {run_dir}; run `clinadapt bench` first")
+    out = Path(out_dir) if out_dir else Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(records)
+    plots = plot_label_efficiency(rows, out)
+    control_plot = plot_pretrained_vs_control(rows, out)
+    if control_plot:
+        plots.append(control_plot)
+    notes = [
+        "Metrics: test split, mean ± sd over seeds, [bootstrap 95% CI averaged over seeds].",
+        "AUC and ACC follow the MedMNIST evaluator (macro one-vs-rest AUC; 0.5 threshold).",
+        "Rows marked 'untrained control' use randomly initialised weights: they are a baseline,"
+        " not a foundation model.",
+        "Numbers are comparable only under the same input protocol (column 'protocol').",
+    ]
+    if any(r["verified"] is False for r in rows):
+        notes.append("Datasets marked 'unverified md5' differ from the official release.")
+    fails = failures(records)
+    md = ["# clinadapt report", "", *[f"- {n}" for n in notes], "", markdown_table(rows), ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    if fails:
+        md += ["", "## Failed runs", "", *[f"- {f}" for f in fails]]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+    html_path = out / "report.html"
+    html_path.write_text(_html(rows, notes, plots, fails))
+    return {"markdown": md_path, "html": html_path, **{p.stem: p for p in plots}}
+
+
+def _html(rows: list[dict[str, Any]], notes: list[str], plots: list[Path], fails: list[str]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in table_rows(rows)
+    )
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>clinadapt report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style></head><body>",
+        "<h1>clinadapt report</h1><ul>",
+        *[f"<li>{esc(n)}</li>" for n in notes],
+        f"</ul><table><tr>{head}</tr>{body}</table>",
+        *[f"<p><img src='{esc(p.name)}' alt='{esc(p.stem)}'></p>" for p in plots],
+    ]
+    if fails:
+        parts += ["<h2>Failed runs</h2><ul>", *[f"<li>{esc(f)}</li>" for f in fails], "</ul>"]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
