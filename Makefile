@@ -8,7 +8,7 @@ SHARED := $(abspath ../shared)
 DEMO_DATA ?= $(or $(CLINADAPT_DATA),$(wildcard $(SHARED)/data/medmnist))
 DEMO_WEIGHTS ?= $(or $(CLINADAPT_WEIGHTS),$(wildcard $(SHARED)/weights))
 
-.PHONY: setup demo test lint format benchmarks clean
+.PHONY: setup demo test format benchmarks clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/pytest
 
-lint format: $(STAMP)
+format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
 	$(VENV)/bin/ruff format src tests benchmarks scripts
 
