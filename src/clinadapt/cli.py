@@ -24,8 +24,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tup
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(flag, default=None, metavar="VALUE", help=help_text)
 
@@ -68,8 +69,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             info = DATASETS.get(name)
             kind = "3D" if info.ndim == 3 else "2D"
             splits = "/".join(str(info.splits.get(s, "?")) for s in ("train", "val", "test"))
-            print(f"{name:22s} {kind} {info.task.value:12s} {info.num_classes:3d} classes  "
-                  f"{info.channels} ch  splits {splits}  sizes {list(info.sizes)}")
+            print(
+                f"{name:22s} {kind} {info.task.value:12s} {info.num_classes:3d} classes  "
+                f"{info.channels} ch  splits {splits}  sizes {list(info.sizes)}"
+            )
     elif args.command == "backbones":
         from clinadapt.backbones import BACKBONES
 
@@ -99,8 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     options.update(_collect(args, ExperimentConfig))
     overrides = _split_overrides(args.overrides)
     if "method_options" in overrides:
-        options["method_options"] = {**options.get("method_options", {}),
-                                     **overrides.pop("method_options")}
+        options["method_options"] = {
+            **options.get("method_options", {}),
+            **overrides.pop("method_options"),
+        }
     options.update(overrides)
     cfg = from_dict(ExperimentConfig, options)
     record = run_experiment(cfg, progress=not args.quiet)
@@ -109,8 +114,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_json_atomic(out, record)
     test = record["metrics"]["test"]
     ci = record["metrics"].get("test_ci95", {})
-    print(f"{cfg.dataset} {cfg.backbone} ({cfg.weights}) {cfg.method} shots={cfg.shots} "
-          f"seed={cfg.seed}")
+    print(
+        f"{cfg.dataset} {cfg.backbone} ({cfg.weights}) {cfg.method} shots={cfg.shots} "
+        f"seed={cfg.seed}"
+    )
     for metric in ("auc", "acc", "balanced_accuracy", "macro_f1", "ece"):
         bounds = ci.get(metric)
         extra = f"  95% CI [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
@@ -144,8 +151,10 @@ def _run_grid_and_report(grid, out: Path, progress: bool) -> int:
     from clinadapt.runner.report import build_report
 
     counts = run_grid(grid, out, progress=progress)
-    print(f"{counts['done']} runs done, {counts['skipped']} already done (skipped), "
-          f"{counts['failed']} failed, of {counts['total']}; records in {out}")
+    print(
+        f"{counts['done']} runs done, {counts['skipped']} already done (skipped), "
+        f"{counts['failed']} failed, of {counts['total']}; records in {out}"
+    )
     paths = build_report(out)
     print(f"report: {paths['markdown']} and {paths['html']}")
     print(paths["markdown"].read_text().split("\n\n")[1])
@@ -186,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clinadapt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, what in (("datasets", "datasets"), ("backbones", "backbones"),
-                       ("methods", "adaptation methods")):
+    for name, what in (
+        ("datasets", "datasets"),
+        ("backbones", "backbones"),
+        ("methods", "adaptation methods"),
+    ):
         p = sub.add_parser(name, help=f"list registered {what}")
         p.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'dino*'")
         p.set_defaults(func=cmd_list)
@@ -197,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(p, ExperimentConfig)
     p.add_argument("--out", help="write the JSON record here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="option overrides; method.NAME=VALUE sets a method option")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="option overrides; method.NAME=VALUE sets a method option",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="run a grid of experiments (resumable) and build a report")
@@ -206,18 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(GridConfig):
         if f.name == "base":
             continue
-        p.add_argument("--" + f.name, default=None, type=int if f.name == "seeds" else str,
-                       help=f.metadata.get("help", ""))
+        p.add_argument(
+            "--" + f.name,
+            default=None,
+            type=int if f.name == "seeds" else str,
+            help=f.metadata.get("help", ""),
+        )
     _add_dataclass_options(p, ExperimentConfig, skip=GRID_AXES)
-    p.add_argument("--out", default="runs/bench", help="folder of run records (default: %(default)s)")
+    p.add_argument(
+        "--out", default="runs/bench", help="folder of run records (default: %(default)s)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="options for every run")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("quickstart", help="offline-capable demo: BreastMNIST, pretrained vs control")
+    p = sub.add_parser(
+        "quickstart", help="offline-capable demo: BreastMNIST, pretrained vs control"
+    )
     p.add_argument("--data-root", default=None, help="folder of MedMNIST .npz ($CLINADAPT_DATA)")
-    p.add_argument("--weights-root", default=None,
-                   help="folder of safetensors weight folders ($CLINADAPT_WEIGHTS)")
+    p.add_argument(
+        "--weights-root",
+        default=None,
+        help="folder of safetensors weight folders ($CLINADAPT_WEIGHTS)",
+    )
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)
@@ -232,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+    )
     warnings.simplefilter("always", ChecksumWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING: {msg}\n"
     try:
@@ -242,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: completed runs are saved; rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            "interrupted: completed runs are saved; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130

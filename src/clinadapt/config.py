@@ -67,7 +67,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, dict):
             return dict(value)
         raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-    if isinstance(annotation, type) and issubclass(annotation, str) and hasattr(annotation, "__members__"):
+    if (
+        isinstance(annotation, type)
+        and issubclass(annotation, str)
+        and hasattr(annotation, "__members__")
+    ):
         try:
             return annotation(value)
         except ValueError:

@@ -96,6 +96,22 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
     return runs
 
 
+def validate_names(grid: GridConfig) -> None:
+    """Fail before any work on a misspelt dataset, backbone or method name."""
+    from clinadapt.adapt import METHODS
+    from clinadapt.backbones import BACKBONES
+    from clinadapt.data import DATASETS
+
+    for name in grid.datasets:
+        if not Path(name).exists():
+            DATASETS.get(name)
+    for name in grid.backbones:
+        if not name.startswith("timm:"):
+            BACKBONES.get(name)
+    for name in grid.methods:
+        METHODS.get(name)
+
+
 def _feature_key(cfg: ExperimentConfig) -> tuple:
     shared = dataclasses.asdict(cfg)
     for name in ("method", "method_options", "shots", "seed", "allow_fewer_shots", "bootstrap"):
@@ -117,6 +133,7 @@ def run_grid(
     next call retries it.
     """
     out = Path(out_dir)
+    validate_names(grid)
     runs = expand(grid)
     todo = [cfg for cfg in runs if not is_done(record_path(out, cfg))]
     counts = {"total": len(runs), "skipped": len(runs) - len(todo), "done": 0, "failed": 0}
@@ -137,8 +154,8 @@ def run_grid(
             if isinstance(bundle, ClinadaptError):
                 raise bundle
             record = run_on_features(cfg, bundle)
-            record["timings"]["total_s"] = time.perf_counter() - start + sum(
-                bundle.timings.values()
+            record["timings"]["total_s"] = (
+                time.perf_counter() - start + sum(bundle.timings.values())
             )
             counts["done"] += 1
         except ClinadaptError as err:

@@ -201,7 +201,6 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     from clinadapt.adapt import create_method
     from clinadapt.data import few_shot_indices
     from clinadapt.eval import bootstrap_ci, evaluate
-
     from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
 
     info = bundle.info
@@ -218,7 +217,9 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     method = create_method(cfg.method, cfg.method_options)
     val = (bundle.features["val"], bundle.labels["val"]) if "val" in bundle.features else None
     start = time.perf_counter()
-    method.fit(train_x[support], train_y[support], info.task, info.num_classes, val=val, seed=cfg.seed)
+    method.fit(
+        train_x[support], train_y[support], info.task, info.num_classes, val=val, seed=cfg.seed
+    )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     test_scores = method.predict_proba(bundle.features["test"])
@@ -234,7 +235,7 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
             "num_classes": info.num_classes,
             "labels": list(info.labels),
             "ndim": info.ndim,
-            "split_sizes": {k: int(len(v)) for k, v in bundle.labels.items()},
+            "split_sizes": {k: len(v) for k, v in bundle.labels.items()},
             "provenance": bundle.provenance,
         },
         "backbone": bundle.backbone,
@@ -249,7 +250,7 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
         "shots": {
             "requested": cfg.shots_value(),
             "actual_per_class": actual_shots,
-            "support_size": int(len(support)),
+            "support_size": len(support),
         },
         "metrics": {"test": metrics},
         "timings": {**bundle.timings, "fit_s": fit_s, "predict_s": predict_s},

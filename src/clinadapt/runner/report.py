@@ -72,7 +72,11 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(row)
     rows.sort(
         key=lambda r: (
-            r["dataset"], r["backbone"], not r["pretrained"], r["weights"], r["method"],
+            r["dataset"],
+            r["backbone"],
+            not r["pretrained"],
+            r["weights"],
+            r["method"],
             _shots_order(r["shots"]),
         )
     )
@@ -92,8 +96,19 @@ def _weights_label(row: dict[str, Any]) -> str:
     return row["weights"] if row["pretrained"] else f"{row['weights']} (untrained control)"
 
 
-HEADER = ["dataset", "backbone", "weights", "method", "shots", "seeds", "AUC", "ACC",
-          "balanced acc.", "protocol", "time (s)"]
+HEADER = [
+    "dataset",
+    "backbone",
+    "weights",
+    "method",
+    "shots",
+    "seeds",
+    "AUC",
+    "ACC",
+    "balanced acc.",
+    "protocol",
+    "time (s)",
+]
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -177,11 +192,18 @@ def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Pat
     cats = sorted({(r["dataset"], r["backbone"], r["method"]) for r in full})
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats)), 4))
     width = 0.4
-    for offset, pretrained, name in ((-width / 2, True, "pretrained"), (width / 2, False, "control")):
+    for offset, pretrained, name in (
+        (-width / 2, True, "pretrained"),
+        (width / 2, False, "control"),
+    ):
         vals, errs = [], []
         for cat in cats:
-            match = [r for r in full if (r["dataset"], r["backbone"], r["method"]) == cat
-                     and r["pretrained"] is pretrained]
+            match = [
+                r
+                for r in full
+                if (r["dataset"], r["backbone"], r["method"]) == cat
+                and r["pretrained"] is pretrained
+            ]
             vals.append(match[0]["auc"] if match else np.nan)
             errs.append(match[0]["auc_sd"] if match else 0.0)
         ax.bar(np.arange(len(cats)) + offset, vals, width, yerr=errs, label=name, capsize=2)
@@ -241,7 +263,8 @@ def _html(rows: list[dict[str, Any]], notes: list[str], plots: list[Path], fails
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
     body = "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in table_rows(rows)
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
+        for cells in table_rows(rows)
     )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>clinadapt report</title>",

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+
+from clinadapt.runner.bench import GridConfig, expand, record_path, run_grid
+from clinadapt.runner.experiment import ExperimentConfig, run_experiment
+from clinadapt.runner.report import build_report
+
+BASE = {"batch_size": 32, "bootstrap": 50}
+
+
+def tiny_grid(**kw) -> GridConfig:
+    options = dict(
+        datasets=["synthetic-binary"],
+        backbones=["test_cnn"],
+        weights=["none"],
+        methods=["knn", "linear"],
+        shots=["2", "all"],
+        seeds=2,
+        base=dict(BASE),
+    )
+    options.update(kw)
+    return GridConfig(**options)
+
+
+def test_run_experiment_record_has_everything_reports_need(tmp_path):
+    cfg = ExperimentConfig(
+        dataset="synthetic-binary",
+        backbone="test_cnn",
+        weights="none",
+        method="prototype",
+        shots="5",
+        cache_dir=str(tmp_path),
+        **BASE,
+    )
+    rec = run_experiment(cfg, progress=False)
+    assert rec["shots"]["support_size"] == 10
+    assert rec["shots"]["actual_per_class"]
+    assert rec["backbone"]["is_pretrained"] is False
+    assert rec["dataset"]["provenance"]
+    assert rec["preprocessing"]["resize"] == "nearest"
+    assert rec["preprocessing"]["source_size"] == 28
+    for key in ("auc", "acc", "balanced_accuracy", "macro_f1", "ece"):
+        assert 0.0 <= rec["metrics"]["test"][key] <= 1.0
+    assert set(rec["metrics"]["test_ci95"]) >= {"auc", "acc"}
+    assert rec["packages"]["torch"] and rec["hardware"]["cpu_count"]
+    assert rec["peak_memory_mb"] > 0
+    json.dumps(rec)  # serialisable
+
+
+def test_second_run_reads_features_from_cache(tmp_path):
+    cfg = ExperimentConfig(
+        dataset="synthetic-binary",
+        backbone="test_cnn",
+        weights="none",
+        method="knn",
+        cache_dir=str(tmp_path),
+        **BASE,
+    )
+    first = run_experiment(cfg, progress=False)
+    second = run_experiment(cfg, progress=False)
+    assert not any(first["feature_cache_hits"].values())
+    assert all(second["feature_cache_hits"].values())
+    assert first["metrics"]["test"]["auc"] == second["metrics"]["test"]["auc"]
+
+
+def test_grid_expands_every_combination():
+    runs = expand(tiny_grid())
+    assert len(runs) == 1 * 1 * 1 * 2 * 2 * 2
+    assert {r.seed for r in runs} == {0, 1}
+
+
+def test_bench_is_resumable(tmp_path, monkeypatch):
+    grid = tiny_grid()
+    counts = run_grid(grid, tmp_path, progress=False)
+    assert counts == {"total": 8, "skipped": 0, "done": 8, "failed": 0}
+    # simulate an interrupted run: one record missing, the rest are kept and skipped
+    missing = record_path(tmp_path, expand(grid)[3])
+    missing.unlink()
+    counts = run_grid(grid, tmp_path, progress=False)
+    assert counts == {"total": 8, "skipped": 7, "done": 1, "failed": 0}
+    assert missing.exists()
+
+
+def test_bench_records_failures_and_retries_them(tmp_path):
+    grid = tiny_grid(methods=["knn"], shots=["100000"], seeds=1)
+    counts = run_grid(grid, tmp_path, progress=False)
+    assert counts["failed"] == 1
+    rec = json.loads(record_path(tmp_path, expand(grid)[0]).read_text())
+    assert rec["failed"] and "allow_fewer_shots" in rec["error"]
+    assert run_grid(grid, tmp_path, progress=False)["failed"] == 1  # retried, not skipped
+
+
+def test_report_from_grid(tmp_path):
+    run_grid(tiny_grid(), tmp_path / "runs", progress=False)
+    paths = build_report(tmp_path / "runs")
+    md = paths["markdown"].read_text()
+    assert "untrained control" in md
+    assert md.count("| synthetic-binary |") == 4  # 2 methods x 2 shots, seeds aggregated
+    assert paths["html"].read_text().startswith("<!doctype html>")
+    pngs = list((tmp_path / "runs" / "report").glob("label_efficiency_*.png"))
+    assert pngs and pngs[0].stat().st_size > 1000
+
+
+def test_unknown_method_in_grid_is_reported_with_suggestion(tmp_path):
+    from clinadapt.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="Did you mean 'knn'"):
+        run_grid(tiny_grid(methods=["knnn"], seeds=1), tmp_path, progress=False)
