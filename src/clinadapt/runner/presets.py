@@ -39,7 +39,7 @@ def _dataset_available(name: str, data_root: str | None) -> tuple[bool, str]:
     from clinadapt.data import load_dataset
 
     try:
-        load_dataset(name, root=data_root, size=28)
+        load_dataset(name, root=data_root, size=28, download=True)
     except ClinadaptError as err:
         return False, str(err)
     return True, ""

@@ -1,0 +1,100 @@
+"""Input checks shared by the methods and the evaluator: fail early with a message naming the
+problem, instead of a NumPy or scikit-learn error deep inside a fit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clinadapt.data import checks as data_checks
+from clinadapt.data.info import TaskType
+from clinadapt.errors import ConfigError, DataError
+
+
+def check_task(task: TaskType | str, num_classes: int) -> TaskType:
+    """``task`` as a ``TaskType``; binary tasks have exactly 2 classes, the others at least 2."""
+    try:
+        task = TaskType(task)
+    except ValueError:
+        choices = [t.value for t in TaskType]
+        raise ConfigError(f"unknown task {task!r}; expected one of {choices}") from None
+    if task is TaskType.BINARY and num_classes != 2:
+        raise DataError(f"a binary task has 2 classes, got num_classes={num_classes}")
+    if num_classes < (1 if task is TaskType.MULTILABEL else 2):
+        raise DataError(f"a {task.value} task needs more classes, got num_classes={num_classes}")
+    return task
+
+
+def check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
+    """A finite float64 ``(N, D)`` array with N >= 1."""
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DataError(f"{what} must be a non-empty 2-D array (N, D), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"{what} must be numeric, got dtype {x.dtype}")
+    x = x.astype(np.float64, copy=False)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{what} contain NaN or infinite values in {int(bad.sum())} of {len(x)} rows "
+            f"(first: row {int(np.argmax(bad))}); check the feature extraction"
+        )
+    return x
+
+
+def check_labels(
+    labels: np.ndarray, task: TaskType, num_classes: int, n: int, what: str = "labels"
+) -> np.ndarray:
+    """``(N,)`` int64 class indices for single-label tasks, ``(N, C)`` int64 0/1 for multi-label;
+    the format itself is checked by ``clinadapt.data.checks.check_labels``."""
+    y = np.asarray(labels)
+    if y.shape[:1] != (n,):
+        raise DataError(
+            f"{what} have {y.shape[0] if y.ndim else 0} rows but there are {n} examples"
+        )
+    y = data_checks.check_labels(y, task, num_classes, what)
+    return y[:, 0] if task.single_label else y
+
+
+def check_fit_inputs(
+    features: np.ndarray,
+    labels: np.ndarray,
+    task: TaskType | str,
+    num_classes: int,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, TaskType, tuple[np.ndarray, np.ndarray] | None]:
+    """Validated ``(x, y, task, val)`` for ``FrozenFeatureMethod.fit``."""
+    task = check_task(task, num_classes)
+    x = check_features(features)
+    y = check_labels(labels, task, num_classes, len(x))
+    if val is not None:
+        xv = check_features(val[0], "validation features")
+        if xv.shape[1] != x.shape[1]:
+            raise DataError(
+                f"validation features have dimension {xv.shape[1]}, support features {x.shape[1]}"
+            )
+        val = (xv, check_labels(val[1], task, num_classes, len(xv), "validation labels"))
+    return x, y, task, val
+
+
+def check_query(features: np.ndarray, dim: int | None) -> np.ndarray:
+    """Query features for ``predict_proba``; ``dim`` is None when the method was never fitted."""
+    if dim is None:
+        raise RuntimeError("call fit() before predict_proba()")
+    x = check_features(features, "query features")
+    if x.shape[1] != dim:
+        raise DataError(
+            f"query features have dimension {x.shape[1]}, but the method was fitted on {dim}"
+        )
+    return x
+
+
+def targets(y: np.ndarray, task: TaskType, num_classes: int) -> np.ndarray:
+    """Float ``(N, C)`` targets: one-hot for single-label tasks, the 0/1 matrix for multi-label."""
+    if task.single_label:
+        return np.eye(num_classes)[y]
+    return y.astype(np.float64)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; all-zero rows stay zero instead of becoming NaN."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,71 @@
+"""Validation shared by the readers and the sampler: bad pixels and bad labels fail early,
+with the file or value named, instead of surfacing later as a NaN metric."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clinadapt.data.info import TaskType
+from clinadapt.errors import DataError
+
+_CHECK_BYTES = 1 << 26  # scan memory-mapped arrays in chunks of about this many bytes
+
+
+def check_pixels(array: np.ndarray, where: str) -> None:
+    """Raise DataError when a float image array holds NaN or infinite values.
+
+    Integer arrays cannot hold either and are skipped; large (memory-mapped) arrays are scanned
+    a chunk of images at a time so memory stays bounded.
+    """
+    if array.dtype.kind not in "fc" or len(array) == 0:
+        return
+    per_item = max(1, array[0].nbytes)
+    step = max(1, _CHECK_BYTES // per_item)
+    for start in range(0, len(array), step):
+        chunk = array[start : start + step]
+        bad = np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))
+        if len(bad):
+            raise DataError(
+                f"{where}: image {start + int(bad[0])} has NaN or infinite pixels; "
+                "fix or remove it before training"
+            )
+
+
+def check_labels(labels: np.ndarray, task: TaskType, num_classes: int, where: str) -> np.ndarray:
+    """Labels as int64 (N, 1) class indices, or (N, num_classes) 0/1 for multi-label tasks.
+
+    Accepts (N,) or (N, 1) for single-label tasks (some re-saved MedMNIST files use (N,)).
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "biu":
+        integral = labels.dtype.kind == "f" and np.isfinite(labels).all()
+        if not integral or np.any(labels != np.round(labels)):
+            raise DataError(f"{where}: labels must be integers, got {labels.dtype} values")
+    if task.single_label:
+        if labels.ndim == 1:
+            labels = labels[:, None]
+        if labels.ndim != 2 or labels.shape[1] != 1:
+            raise DataError(
+                f"{where}: labels have shape {labels.shape}; "
+                f"a {task.value} task needs (N,) or (N, 1)"
+            )
+        bad = np.flatnonzero((labels[:, 0] < 0) | (labels[:, 0] >= num_classes))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"{where}: label {labels[i, 0]} at index {i} is outside 0..{num_classes - 1} "
+                f"({num_classes} classes)"
+            )
+    else:
+        if labels.ndim != 2 or labels.shape[1] != num_classes:
+            raise DataError(
+                f"{where}: multi-label labels have shape {labels.shape}; expected "
+                f"(N, {num_classes}), one 0/1 column per label"
+            )
+        bad = np.flatnonzero(~np.isin(labels, (0, 1)).all(axis=1))
+        if len(bad):
+            raise DataError(
+                f"{where}: multi-label row {int(bad[0])} holds {labels[bad[0]].tolist()}; "
+                "every value must be 0 or 1"
+            )
+    return labels.astype(np.int64)

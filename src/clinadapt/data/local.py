@@ -1,0 +1,247 @@
+"""The user's own data: an image folder (one sub-folder per class) or a CSV manifest.
+
+Files are checked to exist up front and read lazily; images are resized to ``image_size`` and
+volumes to a ``volume_size`` cube on read. Without given splits, a seeded stratified 70/10/20
+split is made, grouped by patient when the manifest has a ``patient_id`` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from clinadapt.data.dataset import SPLITS, Dataset, Split
+from clinadapt.data.info import DatasetInfo, TaskType
+from clinadapt.data.lazy import IMAGE_SUFFIXES, LazySource, infer_channels, load_image
+from clinadapt.data.splits import carve_val, check_disjoint_groups, split_indices
+from clinadapt.data.volumes import VOLUME_SUFFIXES, is_volume, read_volume
+from clinadapt.errors import DataError
+from clinadapt.registry import did_you_mean
+
+
+def load_image_folder(
+    folder: Path, *, image_size: int = 224, volume_size: int = 64, seed: int = 0
+) -> Dataset:
+    """``folder/<class>/...`` or ``folder/{train,val,test}/<class>/...`` (val optional)."""
+    subdirs = {p.name.lower(): p for p in _subdirs(folder)}
+    given = {"train", "test"} <= set(subdirs) and set(subdirs) <= set(SPLITS)
+    layout = {s: subdirs[s] for s in SPLITS if s in subdirs} if given else {"": folder}
+    paths: list[Path] = []
+    tokens: list[list[str]] = []
+    splits: list[str] = []
+    for split, root in layout.items():
+        for class_dir in _subdirs(root):
+            files = sorted(p for p in class_dir.rglob("*") if _usable(p, class_dir))
+            if not files:
+                raise DataError(
+                    f"{class_dir} holds no images or volumes "
+                    f"({', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)}); remove the empty class"
+                )
+            paths += files
+            tokens += [[class_dir.name]] * len(files)
+            splits += [split] * len(files)
+    if not paths:
+        raise DataError(
+            f"{folder} has no class sub-folders; expected {folder}/<class name>/<images>"
+        )
+    return _build(
+        folder.name,
+        folder,
+        paths,
+        tokens,
+        splits if given else None,
+        None,
+        str(folder),
+        multi=False,
+        image_size=image_size,
+        volume_size=volume_size,
+        seed=seed,
+    )
+
+
+def load_manifest(
+    csv_path: Path, *, image_size: int = 224, volume_size: int = 64, seed: int = 0
+) -> Dataset:
+    """A CSV with columns ``path,label[,split][,patient_id]``; paths relative to the CSV.
+
+    ``label`` is a class name or integer; ``a|b`` makes the dataset multi-label.
+    """
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            numbered = [
+                (reader.line_num, {k.strip().lower(): (v or "").strip() for k, v in r.items() if k})
+                for r in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: cannot read this CSV manifest ({err})") from None
+    rows = [row for _, row in numbered]
+    columns = set(rows[0]) if rows else set()
+    if not {"path", "label"} <= columns:
+        raise DataError(
+            f"{csv_path} needs a header with columns path,label (optional: split, patient_id); "
+            f"found {sorted(columns) or 'no rows'}"
+        )
+    multi = any("|" in r["label"] for r in rows)
+    paths, tokens, splits, groups = [], [], [], []
+    for line, row in numbered:
+        where = f"{csv_path}, line {line}"
+        path = csv_path.parent / row["path"]
+        if not row["path"] or not path.exists():
+            raise DataError(f"{where}: {path} does not exist")
+        names = [t.strip() for t in row["label"].split("|") if t.strip()]
+        if not names and not multi:
+            raise DataError(f"{where}: the label is empty")
+        for column, out in (("split", splits), ("patient_id", groups)):
+            if column in columns:
+                value = row[column].lower() if column == "split" else row[column]
+                if not value:
+                    raise DataError(f"{where}: {column} is empty; fill it in every row")
+                if column == "split" and value not in SPLITS:
+                    raise DataError(
+                        f"{where}: split {value!r} is not one of {list(SPLITS)}."
+                        f"{did_you_mean(value, list(SPLITS))}"
+                    )
+                out.append(value)
+        paths.append(path)
+        tokens.append(names)
+    return _build(
+        csv_path.stem,
+        csv_path,
+        paths,
+        tokens,
+        splits or None,
+        np.asarray(groups) if groups else None,
+        str(csv_path),
+        multi=multi,
+        image_size=image_size,
+        volume_size=volume_size,
+        seed=seed,
+    )
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _usable(path: Path, root: Path) -> bool:
+    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+    name = path.name.lower()
+    return path.is_file() and not hidden and name.endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+
+
+def _encode(
+    tokens: list[list[str]], multi: bool, where: str
+) -> tuple[tuple[str, ...], np.ndarray, TaskType]:
+    """Class names in index order and the label array; integer labels keep their numbers."""
+    values = sorted({t for ts in tokens for t in ts})
+    if values and all(v.isdigit() for v in values):
+        present = {int(v) for v in values}
+        names = [str(i) for i in range(max(present) + 1)]
+        missing = sorted(set(range(len(names))) - present)
+        if missing:
+            raise DataError(
+                f"{where}: integer labels run 0..{len(names) - 1} but classes {missing} have "
+                "no examples; renumber the classes or use class names"
+            )
+        index = {v: int(v) for v in values}
+    else:
+        names = values
+        index = {v: i for i, v in enumerate(values)}
+    if len(names) < 2:
+        raise DataError(f"{where}: found only the classes {names}; at least 2 are needed")
+    if multi:
+        labels = np.zeros((len(tokens), len(names)), dtype=np.int64)
+        for row, ts in enumerate(tokens):
+            labels[row, [index[t] for t in ts]] = 1
+        return tuple(names), labels, TaskType.MULTILABEL
+    labels = np.array([[index[ts[0]]] for ts in tokens], dtype=np.int64)
+    task = TaskType.BINARY if len(names) == 2 else TaskType.MULTICLASS
+    return tuple(names), labels, task
+
+
+def _build(
+    name: str,
+    source: Path,
+    paths: list[Path],
+    tokens: list[list[str]],
+    given: list[str] | None,
+    groups: np.ndarray | None,
+    where: str,
+    *,
+    multi: bool,
+    image_size: int,
+    volume_size: int,
+    seed: int,
+) -> Dataset:
+    class_names, labels, task = _encode(tokens, multi, where)
+    kinds = [is_volume(p) for p in paths]
+    if any(kinds) and not all(kinds):
+        raise DataError(
+            f"{where} mixes 2D images ({paths[kinds.index(False)]}) and 3D volumes "
+            f"({paths[kinds.index(True)]}); use one kind per dataset"
+        )
+    if given is None:
+        idx = split_indices(labels, groups, seed)
+    else:
+        assigned = np.asarray(given)
+        idx = {s: np.flatnonzero(assigned == s) for s in SPLITS}
+        for s in ("train", "test"):
+            if not len(idx[s]):
+                raise DataError(f"{where}: the {s} split is empty")
+        if groups is not None:
+            check_disjoint_groups(idx, groups, where)
+        if not len(idx["val"]):
+            idx["train"], idx["val"] = carve_val(idx["train"], labels, groups, seed)
+    if all(kinds):
+        size, channels, ndim = volume_size, 1, 3
+        loader = partial(read_volume, size=size)
+        item_shape, dtype = (size, size, size), np.float32
+    else:
+        size, channels, ndim = image_size, infer_channels(paths), 2
+        loader = partial(load_image, size=size, channels=channels)
+        item_shape, dtype = ((size, size) if channels == 1 else (size, size, 3)), np.uint8
+    info = DatasetInfo(
+        name=name.lower(),
+        task=task,
+        labels=class_names,
+        channels=channels,
+        ndim=ndim,
+        splits={s: len(idx[s]) for s in SPLITS},
+        sizes=(size,),
+        description=f"local data from {source}",
+    )
+    splits = {
+        s: Split(LazySource([paths[i] for i in idx[s]], loader, item_shape, dtype), labels[idx[s]])
+        for s in SPLITS
+    }
+    provenance = {
+        "source": str(source),
+        "md5": _fingerprint(source, paths, labels, idx),
+        "md5_of": "split, path, bytes, mtime and label of every file",
+        "expected_md5": None,
+        "verified": None,
+        "size": size,
+        "split_seed": seed,
+        "splits_given": given is not None,
+    }
+    return Dataset(info=info, splits=splits, size=size, provenance=provenance)
+
+
+def _fingerprint(
+    source: Path, paths: list[Path], labels: np.ndarray, idx: dict[str, np.ndarray]
+) -> str:
+    """Changes whenever a file, a label or the split assignment changes (keys feature caches)."""
+    base = source if source.is_dir() else source.parent
+    digest = hashlib.md5(usedforsecurity=False)
+    for split, rows in idx.items():
+        for i in rows:
+            st = paths[i].stat()
+            rel = paths[i].relative_to(base) if paths[i].is_relative_to(base) else paths[i]
+            line = f"{split}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{labels[i].tolist()}\n"
+            digest.update(line.encode())
+    return digest.hexdigest()

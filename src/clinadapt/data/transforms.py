@@ -1,0 +1,115 @@
+"""Bring a batch of medical images to what a backbone expects: 3 channels, its input size, its
+normalisation. How small images reach the input size is part of the result (MedMNIST v2
+upsampled with nearest neighbour, MedMNIST+ zero-padded), so it is explicit and recorded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clinadapt.data.checks import check_pixels
+from clinadapt.errors import ConfigError, DataError
+from clinadapt.registry import did_you_mean
+
+__all__ = ["RESIZE_MODES", "Preprocess", "check_pixels"]
+
+RESIZE_MODES = ("nearest", "bilinear", "pad")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """``Preprocess(224, mean, std, "pad")(batch)`` -> float32 tensor (B, channels, S, S).
+
+    ``batch`` is (B, H, W) or (B, H, W, C) with C in {1, 3}, uint8 in [0, 255] or float in
+    [0, 1], as a numpy array or a tensor (kept on its device). Grayscale is repeated to 3
+    channels; colour given to a 1-channel backbone (``channels=1``) is averaged. Resize modes:
+    ``nearest`` (MedMNIST v2: nearest-exact upsampling), ``bilinear`` (antialiased when
+    shrinking), ``pad`` (MedMNIST+: centred in an S x S canvas of zeros, zero being black in
+    pixel space, i.e. before normalisation).
+    """
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "nearest"
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(
+                f"resize={self.resize!r} is not one of {list(RESIZE_MODES)}."
+                f"{did_you_mean(str(self.resize), list(RESIZE_MODES))}"
+            )
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.input_size < 1:
+            raise ConfigError(f"input_size must be positive, got {self.input_size}")
+        for key in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, key))
+            if len(values) != self.channels:
+                raise ConfigError(f"{key} needs {self.channels} values, got {list(values)}")
+            object.__setattr__(self, key, values)  # lists become tuples: hashable, frozen
+        if min(self.std) <= 0:
+            raise ConfigError(f"std values must be positive, got {list(self.std)}")
+
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = batch if isinstance(batch, torch.Tensor) else torch.tensor(np.asarray(batch))
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        elif x.is_floating_point():
+            x = x.float()
+            if not torch.isfinite(x).all():
+                raise DataError("images given to Preprocess contain NaN or infinite pixels")
+        else:
+            raise DataError(f"images must be uint8 in [0, 255] or float in [0, 1], got {x.dtype}")
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[-1] in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        else:
+            raise DataError(
+                f"Preprocess expects a batch (B, H, W) or (B, H, W, C) with C 1 or 3, got shape "
+                f"{tuple(x.shape)} (3D volumes are embedded slice by slice by the engine)"
+            )
+        if x.shape[1] != self.channels:
+            x = x.mean(dim=1, keepdim=True) if self.channels == 1 else x.expand(-1, 3, -1, -1)
+        x = self._resize(x)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.input_size
+        h, w = x.shape[-2:]
+        if (h, w) == (s, s):
+            return x
+        if self.resize == "nearest":
+            return F.interpolate(x, size=(s, s), mode="nearest-exact")
+        if self.resize == "bilinear":
+            shrink = h > s or w > s
+            return F.interpolate(
+                x, size=(s, s), mode="bilinear", align_corners=False, antialias=shrink
+            )
+        if h > s or w > s:
+            raise ConfigError(
+                f"resize='pad' cannot fit {h}x{w} images into {s}x{s}; "
+                "use resize='nearest' or resize='bilinear'"
+            )
+        out = x.new_zeros(x.shape[0], x.shape[1], s, s)
+        top, left = (s - h) // 2, (s - w) // 2
+        out[:, :, top : top + h, left : left + w] = x
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What a run record needs to say how images reached the backbone."""
+        return {
+            "input_size": self.input_size,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": self.channels,
+        }

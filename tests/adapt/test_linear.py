@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from clinadapt.adapt import create_method
+from clinadapt.data.info import TaskType
+
+GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@pytest.fixture
+def noisy(separable_data):
+    """Overlapping classes, so that validation scores differ between values of C."""
+    return lambda task, n, seed: separable_data(task, n, seed, shift=0.8)
+
+
+def _manual_auc(y, p, task):
+    if task is TaskType.BINARY:
+        return roc_auc_score(y[:, 0], p[:, 1])
+    if task.single_label:
+        return np.mean([roc_auc_score(y[:, 0] == c, p[:, c]) for c in range(p.shape[1])])
+    return np.mean([roc_auc_score(y[:, c], p[:, c]) for c in range(p.shape[1])])
+
+
+@pytest.mark.parametrize("task", list(TaskType))
+def test_selected_c_matches_a_manual_grid_search_on_validation(task, noisy, num_classes):
+    (x, y), (xv, yv) = noisy(task, 60, 0), noisy(task, 60, 1)
+    scaler = StandardScaler().fit(x)
+    scores = []
+    for c in GRID:
+        columns = [y[:, 0]] if task.single_label else list(y.T)
+        models = [
+            LogisticRegression(C=c, solver="lbfgs", max_iter=1000).fit(scaler.transform(x), col)
+            for col in columns
+        ]
+        if task.single_label:
+            p = models[0].predict_proba(scaler.transform(xv))
+        else:
+            p = np.stack([m.predict_proba(scaler.transform(xv))[:, 1] for m in models], axis=1)
+        scores.append(_manual_auc(yv, p, task))
+    method = create_method("linear", {"c_grid": list(GRID)})
+    chosen = method.fit(x, y, task, num_classes[task], val=(xv, yv)).selected()
+    assert chosen["C"] == GRID[int(np.argmax(scores))]
+    assert chosen["selection"] == "validation auc"
+    np.testing.assert_allclose(chosen["val_scores"], scores, rtol=1e-9)
+    assert chosen["val_score"] == pytest.approx(max(scores))
+    assert chosen["converged"] is True
+
+
+def test_selection_sees_only_validation_features(monkeypatch, noisy):
+    seen = []
+
+    class Recording(LogisticRegression):
+        def predict_proba(self, x):
+            seen.append(np.array(x))
+            return super().predict_proba(x)
+
+    monkeypatch.setattr("clinadapt.adapt.linear.LogisticRegression", Recording)
+    task = TaskType.MULTICLASS
+    (x, y), (xv, yv), (xt, _) = noisy(task, 40, 0), noisy(task, 30, 1), noisy(task, 20, 2)
+    method = create_method("linear", {"c_grid": list(GRID)}).fit(x, y, task, 4, val=(xv, yv))
+    expected_val = StandardScaler().fit(x).transform(xv)
+    assert len(seen) == len(GRID)
+    for arr in seen:
+        np.testing.assert_allclose(arr, expected_val)
+    seen.clear()
+    method.predict_proba(xt)
+    assert len(seen) == 1 and seen[0].shape == (20, 16)
+
+
+def test_without_validation_uses_c_1_and_says_so(noisy):
+    x, y = noisy(TaskType.BINARY, 40, 0)
+    chosen = create_method("linear").fit(x, y, TaskType.BINARY, 2).selected()
+    assert chosen["C"] == 1.0 and "no validation" in chosen["selection"]
+
+
+def test_falls_back_to_log_loss_when_validation_auc_is_undefined(noisy):
+    (x, y), (xv, yv) = noisy(TaskType.BINARY, 40, 0), noisy(TaskType.BINARY, 30, 1)
+    keep = yv[:, 0] == 0  # validation holds one class only
+    chosen = (
+        create_method("linear", {"c_grid": list(GRID)})
+        .fit(x, y, TaskType.BINARY, 2, val=(xv[keep], yv[keep]))
+        .selected()
+    )
+    scaler = StandardScaler().fit(x)
+    losses = [
+        log_loss(
+            yv[keep, 0],
+            LogisticRegression(C=c, max_iter=1000)
+            .fit(scaler.transform(x), y[:, 0])
+            .predict_proba(scaler.transform(xv[keep])),
+            labels=[0, 1],
+        )
+        for c in GRID
+    ]
+    assert chosen["selection"] == "validation log_loss"
+    assert chosen["C"] == GRID[int(np.argmin(losses))]
+    np.testing.assert_allclose(chosen["val_scores"], losses, rtol=1e-9)
+
+
+def test_class_weight_balanced_is_passed_to_the_solver(noisy):
+    x, y = noisy(TaskType.BINARY, 40, 0)
+    keep = (y[:, 0] == 1) | (np.arange(40) < 30)  # imbalanced
+    method = create_method("linear", {"class_weight": "balanced"})
+    method.fit(x[keep], y[keep], TaskType.BINARY, 2)
+    assert method._probes[0].model.class_weight == "balanced"
