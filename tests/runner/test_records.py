@@ -2,14 +2,17 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from clinadapt.runner.records import RECORD_VERSION, read_records, write_json_atomic
 
 
 def test_records_are_valid_json_with_nan_as_null(tmp_path):
     path = tmp_path / "a" / "rec.json"
-    write_json_atomic(path, {"record_version": RECORD_VERSION, "auc": math.nan,
-                             "n": np.int64(3), "x": np.float32(0.5)})
+    write_json_atomic(
+        path,
+        {"record_version": RECORD_VERSION, "auc": math.nan, "n": np.int64(3), "x": np.float32(0.5)},
+    )
     data = json.loads(path.read_text())
     assert data["auc"] is None and data["n"] == 3 and data["x"] == 0.5
     assert not list(path.parent.glob("*.tmp"))
@@ -17,10 +20,8 @@ def test_records_are_valid_json_with_nan_as_null(tmp_path):
 
 def test_failed_write_leaves_no_partial_file(tmp_path):
     path = tmp_path / "rec.json"
-    try:
+    with pytest.raises(TypeError):
         write_json_atomic(path, {"bad": object()})
-    except TypeError:
-        pass
     assert not path.exists() and not list(tmp_path.iterdir())
 
 

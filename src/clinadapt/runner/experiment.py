@@ -153,6 +153,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
                 batch_size=cfg.batch_size,
                 precision=precision,
                 volume_mode=cfg.volume_mode,
+                is_volume=dataset.info.ndim == 3,
                 progress=progress,
                 desc=f"{dataset.info.name}/{split_name} {backbone.name}",
             ),

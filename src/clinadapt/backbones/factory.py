@@ -1,0 +1,98 @@
+"""``create_backbone``: a frozen, classifier-free feature extractor from a name and weights."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from clinadapt.backbones.base import Backbone
+from clinadapt.backbones.hub import download
+from clinadapt.backbones.registry import BackboneSpec, get_spec, import_open_clip, pretrained_config
+from clinadapt.backbones.weights import (
+    LocalWeights,
+    file_sha256,
+    load_checked,
+    read_state_dict,
+    resolve_local_weights,
+)
+from clinadapt.errors import ClinadaptError
+
+
+def create_backbone(
+    name: str, weights: str = "pretrained", *, trust_pickle: bool = False
+) -> Backbone:
+    """Build backbone ``name`` with ``weights``: ``pretrained`` (hub), ``none`` (random) or a path.
+
+    The classifier is always removed so ``embed`` returns pooled features; the model is frozen
+    (eval mode, no gradients). ``weights_id`` is the hub reference, ``none``, or the sha256 of
+    the local weights file, so feature caches never mix weights.
+    """
+    spec = get_spec(name)
+    if weights == "pretrained":
+        model = download(spec.weights_ref, lambda: _build(spec, spec.kwargs, pretrained=True))
+        cfg, weights_id = pretrained_config(spec), spec.weights_ref
+    elif weights == "none":
+        model = _build(spec, spec.kwargs, pretrained=False)
+        cfg, weights_id = pretrained_config(spec, source="random"), "none"
+    else:
+        local = resolve_local_weights(Path(weights).expanduser())
+        _check_architecture(spec, local)
+        state = read_state_dict(local.file, trust_pickle=trust_pickle)
+        spec = replace(spec, kwargs={**spec.kwargs, **local.create_kwargs})
+        model = _build(spec, spec.kwargs, pretrained=False)
+        if spec.library == "open_clip" and any(k.startswith("visual.") for k in state):
+            state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        load_checked(
+            model, state, local.file, arch=spec.model_name, drop_prefixes=_classifier_keys(model)
+        )
+        cfg, weights_id = local.override(pretrained_config(spec)), file_sha256(local.file)
+    model.eval().requires_grad_(False)
+    backbone = Backbone(
+        name=spec.name,
+        model=model,
+        feature_dim=_feature_dim(model),
+        pretrained_cfg=cfg,
+        weights_id=weights_id,
+        is_pretrained=weights != "none",
+    )
+    return backbone.eval()
+
+
+def _build(spec: BackboneSpec, kwargs: dict[str, Any], *, pretrained: bool) -> nn.Module:
+    """The bare model with no classifier (timm) or the image tower (open_clip)."""
+    if spec.library == "open_clip":
+        open_clip = import_open_clip()
+        tag = spec.pretrained_tag if pretrained else None
+        return open_clip.create_model(spec.model_name, pretrained=tag, **kwargs).visual
+    name = spec.hub_name if pretrained else spec.model_name
+    return timm.create_model(name, pretrained=pretrained, **{**kwargs, "num_classes": 0})
+
+
+def _check_architecture(spec: BackboneSpec, local: LocalWeights) -> None:
+    arch = local.architecture
+    if arch is None or arch == spec.model_name:
+        return
+    hint = f" (e.g. timm:{arch})" if timm.is_model(arch) else ""
+    raise ClinadaptError(
+        f"weights {local.file} are for architecture {arch!r} (per its config.json) but backbone "
+        f"{spec.name!r} is {spec.model_name!r}; choose the matching backbone{hint}"
+    )
+
+
+def _classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the classifier that ``num_classes=0`` removed (named by timm)."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+
+def _feature_dim(model: nn.Module) -> int:
+    """Width of the pooled output: open_clip's projection, else timm's pre-logits size."""
+    for attr in ("output_dim", "head_hidden_size", "num_features"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ClinadaptError(f"cannot tell the feature size of {type(model).__name__}")

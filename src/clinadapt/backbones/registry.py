@@ -1,0 +1,246 @@
+"""Named backbones: one spec per alias, resolved to a timm or open_clip model before building."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal
+
+import timm
+from timm.models import get_pretrained_cfg, split_model_name_tag
+
+from clinadapt.backbones.base import PretrainedConfig
+from clinadapt.errors import ClinadaptError, UnknownNameError
+from clinadapt.registry import Registry, did_you_mean
+
+Library = Literal["timm", "open_clip"]
+TIMM_PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What to build for a name: library, architecture, hub tag and constructor kwargs.
+
+    ``family`` is the architecture kind (``vit``, ``swin``, ``cnn``; ``timm`` for an arbitrary
+    ``timm:<name>``) so methods such as LoRA can tell transformers from CNNs. ``tiny`` marks the
+    random test architectures; ``input_size`` overrides the hub config's size (small test inputs).
+    """
+
+    name: str
+    library: Library
+    model_name: str
+    pretrained_tag: str
+    description: str
+    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    family: str = "cnn"
+    tiny: bool = False
+    input_size: int | None = None
+
+    @property
+    def hub_name(self) -> str:
+        """``model.tag`` as the hub knows it (timm), or the bare model name without a tag."""
+        return (
+            f"{self.model_name}.{self.pretrained_tag}" if self.pretrained_tag else self.model_name
+        )
+
+    @property
+    def weights_ref(self) -> str:
+        """Hub weights with library: ``timm:resnet18.a1_in1k``, ``open_clip:ViT-B-16/openai``."""
+        if self.library == "open_clip":
+            return f"open_clip:{self.model_name}/{self.pretrained_tag}"
+        return f"timm:{self.hub_name}"
+
+
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+
+
+_DINO = {"img_size": 224}  # DINOv2 hub configs say 518 px; patch-14 models run fine at 224
+_SPECS = (
+    BackboneSpec(
+        "dinov2_vits14",
+        "timm",
+        "vit_small_patch14_dinov2",
+        "lvd142m",
+        "DINOv2 ViT-S/14 (self-supervised, LVD-142M), run at 224 px",
+        dict(_DINO),
+        "vit",
+    ),
+    BackboneSpec(
+        "dinov2_vitb14",
+        "timm",
+        "vit_base_patch14_dinov2",
+        "lvd142m",
+        "DINOv2 ViT-B/14 (self-supervised, LVD-142M), run at 224 px",
+        dict(_DINO),
+        "vit",
+    ),
+    BackboneSpec(
+        "vit_b16",
+        "timm",
+        "vit_base_patch16_224",
+        "augreg2_in21k_ft_in1k",
+        "ViT-B/16 supervised, ImageNet-21k then 1k",
+        {},
+        "vit",
+    ),
+    BackboneSpec(
+        "vit_s16",
+        "timm",
+        "vit_small_patch16_224",
+        "augreg_in21k_ft_in1k",
+        "ViT-S/16 supervised, ImageNet-21k then 1k",
+        {},
+        "vit",
+    ),
+    BackboneSpec(
+        "clip_vitb16",
+        "open_clip",
+        "ViT-B-16",
+        "openai",
+        "OpenAI CLIP ViT-B/16 image tower",
+        {"force_quick_gelu": True},
+        "vit",
+    ),
+    BackboneSpec("resnet18", "timm", "resnet18", "a1_in1k", "ResNet-18, ImageNet-1k", {}, "cnn"),
+    BackboneSpec("resnet50", "timm", "resnet50", "a1_in1k", "ResNet-50, ImageNet-1k", {}, "cnn"),
+    BackboneSpec(
+        "convnext_tiny",
+        "timm",
+        "convnext_tiny",
+        "fb_in22k_ft_in1k",
+        "ConvNeXt-T, ImageNet-22k then 1k",
+        {},
+        "cnn",
+    ),
+    BackboneSpec(
+        "swin_tiny",
+        "timm",
+        "swin_tiny_patch4_window7_224",
+        "ms_in1k",
+        "Swin-T window 7, ImageNet-1k",
+        {},
+        "swin",
+    ),
+    BackboneSpec(
+        "mobilenetv2_100",
+        "timm",
+        "mobilenetv2_100",
+        "ra_in1k",
+        "MobileNetV2 1.0, ImageNet-1k",
+        {},
+        "cnn",
+    ),
+    BackboneSpec(
+        "mobilenetv1_100",
+        "timm",
+        "mobilenetv1_100",
+        "ra4_e3600_r224_in1k",
+        "MobileNetV1 1.0, ImageNet-1k",
+        {},
+        "cnn",
+    ),
+    BackboneSpec(
+        "test_vit",
+        "timm",
+        "test_vit",
+        "r160_in1k",
+        "tiny random ViT for tests (64-d, 32 px)",
+        {"img_size": 32},
+        "vit",
+        tiny=True,
+    ),
+    BackboneSpec(
+        "test_cnn",
+        "timm",
+        "test_resnet",
+        "r160_in1k",
+        "tiny random ResNet for tests (96-d, 32 px)",
+        {},
+        "cnn",
+        tiny=True,
+        input_size=32,
+    ),
+)
+for _spec in _SPECS:
+    BACKBONES.register(_spec.name, _spec)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec for a registered alias or for any timm model written ``timm:<name>[.tag]``."""
+    if name.lower().startswith(TIMM_PREFIX):
+        return _timm_spec(name[len(TIMM_PREFIX) :])
+    try:
+        return BACKBONES.get(name)
+    except UnknownNameError as err:
+        if timm.is_model(name):
+            raise UnknownNameError(f"{err} timm has it: use 'timm:{name}'.") from None
+        raise
+
+
+def _timm_spec(full_name: str) -> BackboneSpec:
+    arch, tag = split_model_name_tag(full_name)
+    if not timm.is_model(arch):
+        raise UnknownNameError(
+            f"Unknown timm model {arch!r}.{did_you_mean(arch, timm.list_models())} "
+            "`timm.list_models('pattern*')` lists them."
+        )
+    try:
+        cfg = get_pretrained_cfg(full_name)
+    except RuntimeError:  # timm: invalid pretrained tag
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        raise UnknownNameError(
+            f"timm model {arch!r} has no pretrained tag {tag!r}.{did_you_mean(tag, tags)}"
+        ) from None
+    return BackboneSpec(
+        name=f"{TIMM_PREFIX}{full_name}",
+        library="timm",
+        model_name=arch,
+        pretrained_tag=tag or (cfg.tag if cfg else "") or "",
+        description=f"timm model {full_name}",
+        family="timm",
+    )
+
+
+def import_open_clip() -> ModuleType:
+    """open_clip is optional: import it only when a CLIP backbone is requested."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ClinadaptError(
+            "CLIP backbones need open_clip: pip install 'clinadapt[clip]'"
+        ) from None
+    return open_clip
+
+
+def pretrained_config(spec: BackboneSpec, source: str = "") -> PretrainedConfig:
+    """Input size, mean/std and interpolation the weights expect, read offline from the library."""
+    if spec.library == "open_clip":
+        open_clip = import_open_clip()
+        cfg = dict(open_clip.get_pretrained_cfg(spec.model_name, spec.pretrained_tag) or {})
+        model_cfg = open_clip.get_model_config(spec.model_name) or {}
+        size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+        cfg["input_size"] = (3, size, size) if isinstance(size, int) else (3, *size)
+        cfg.setdefault("mean", open_clip.OPENAI_DATASET_MEAN)
+        cfg.setdefault("std", open_clip.OPENAI_DATASET_STD)
+    else:
+        found = get_pretrained_cfg(spec.hub_name)
+        cfg = found.to_dict() if found else {}
+    size = spec.input_size or spec.kwargs.get("img_size") or cfg.get("input_size", (3, 224, 224))
+    defaults = PretrainedConfig()
+    return PretrainedConfig(
+        input_size=_edge(size),
+        mean=tuple(cfg.get("mean", defaults.mean)),
+        std=tuple(cfg.get("std", defaults.std)),
+        interpolation=cfg.get("interpolation", defaults.interpolation),
+        channels=_channels(size, defaults.channels),
+        source=source or spec.weights_ref,
+    )
+
+
+def _edge(size: Any) -> int:
+    """Edge length from ``224``, ``(224, 224)`` or ``(3, 224, 224)``."""
+    return int(size) if isinstance(size, int) else int(size[-1])
+
+
+def _channels(size: Any, default: int) -> int:
+    return int(size[0]) if not isinstance(size, int) and len(size) == 3 else default
