@@ -148,7 +148,8 @@ def _grid_from_args(args: argparse.Namespace):
 
 def _run_grid_and_report(grid, out: Path, progress: bool) -> int:
     from clinadapt.runner.bench import run_grid
-    from clinadapt.runner.report import build_report
+    from clinadapt.runner.records import read_records
+    from clinadapt.runner.report import build_report, markdown_table, summarise
 
     counts = run_grid(grid, out, progress=progress)
     print(
@@ -156,8 +157,8 @@ def _run_grid_and_report(grid, out: Path, progress: bool) -> int:
         f"{counts['failed']} failed, of {counts['total']}; records in {out}"
     )
     paths = build_report(out)
+    print(markdown_table(summarise(read_records(out))))
     print(f"report: {paths['markdown']} and {paths['html']}")
-    print(paths["markdown"].read_text().split("\n\n")[1])
     return 1 if counts["failed"] and not counts["done"] else 0
 
 

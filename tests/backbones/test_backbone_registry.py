@@ -56,8 +56,8 @@ def test_tiny_backbones_build_embed_and_are_frozen(name):
     backbone = create_backbone(name, weights="none")
     out = _embed_once(backbone)
     assert out.shape == (2, backbone.feature_dim)
-    assert backbone.weights_id == "none" and backbone.is_pretrained is False
-    assert backbone.pretrained_cfg.source == "random"
+    assert backbone.weights_id == "none-seed0" and backbone.is_pretrained is False
+    assert backbone.pretrained_cfg.source == "random (seed 0)"
     assert not backbone.training and not backbone.model.training
     assert not any(p.requires_grad for p in backbone.parameters())
 
@@ -108,3 +108,11 @@ def test_missing_open_clip_names_the_extra(monkeypatch):
         import_open_clip()
     with pytest.raises(ClinadaptError, match="clinadapt"):
         create_backbone("clip_vitb16", weights="none")
+
+
+def test_untrained_control_is_reproducible():
+    first = create_backbone("test_cnn", "none")
+    torch.manual_seed(123)  # the global RNG state must not matter
+    second = create_backbone("test_cnn", "none")
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

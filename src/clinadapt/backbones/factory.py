@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from clinadapt.backbones.base import Backbone
@@ -20,6 +21,10 @@ from clinadapt.backbones.weights import (
     resolve_local_weights,
 )
 from clinadapt.errors import ClinadaptError
+
+RANDOM_INIT_SEED = 0
+"""The untrained control is one fixed random initialisation, so its features are reproducible
+and cacheable like any other weights."""
 
 
 def create_backbone(
@@ -36,8 +41,11 @@ def create_backbone(
         model = download(spec.weights_ref, lambda: _build(spec, spec.kwargs, pretrained=True))
         cfg, weights_id = pretrained_config(spec), spec.weights_ref
     elif weights == "none":
-        model = _build(spec, spec.kwargs, pretrained=False)
-        cfg, weights_id = pretrained_config(spec, source="random"), "none"
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = _build(spec, spec.kwargs, pretrained=False)
+        cfg = pretrained_config(spec, source=f"random (seed {RANDOM_INIT_SEED})")
+        weights_id = f"none-seed{RANDOM_INIT_SEED}"
     else:
         local = resolve_local_weights(Path(weights).expanduser())
         _check_architecture(spec, local)

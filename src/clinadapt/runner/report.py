@@ -93,7 +93,13 @@ def _fmt(row: dict[str, Any], metric: str) -> str:
 
 
 def _weights_label(row: dict[str, Any]) -> str:
-    return row["weights"] if row["pretrained"] else f"{row['weights']} (untrained control)"
+    """'pretrained', a local weights folder's name, or 'none (untrained control)'."""
+    name = (
+        Path(row["weights"]).name
+        if row["weights"] not in ("pretrained", "none")
+        else row["weights"]
+    )
+    return name if row["pretrained"] else f"{name} (untrained control)"
 
 
 HEADER = [
@@ -157,12 +163,12 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
         lines: dict[tuple[str, str, bool], list[dict[str, Any]]] = defaultdict(list)
         for r in group:
             lines[(r["method"], r["weights"], r["pretrained"])].append(r)
-        for (method, weights, pretrained), pts in sorted(lines.items()):
+        for (method, _weights, pretrained), pts in sorted(lines.items()):
             pts.sort(key=lambda r: _shots_order(r["shots"]))
             x = [shots.index(p["shots"]) for p in pts]
             y = np.array([p["auc"] for p in pts])
             sd = np.array([p["auc_sd"] for p in pts])
-            label = f"{method} / {weights}" + ("" if pretrained else " (control)")
+            label = f"{method} / {_weights_label(pts[0])}"
             (line,) = ax.plot(x, y, "o-" if pretrained else "s--", label=label)
             ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
         ax.set_xticks(range(len(shots)), shots)
