@@ -107,3 +107,27 @@ def test_unknown_method_in_grid_is_reported_with_suggestion(tmp_path):
 
     with pytest.raises(UnknownNameError, match="Did you mean 'knn'"):
         run_grid(tiny_grid(methods=["knnn"], seeds=1), tmp_path, progress=False)
+
+
+def test_interrupted_bench_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
+    import clinadapt.runner.bench as bench
+
+    real = bench.run_on_features
+    calls = {"n": 0}
+
+    def interrupt_on_third_run(cfg, bundle):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(cfg, bundle)
+
+    grid = tiny_grid()
+    monkeypatch.setattr(bench, "run_on_features", interrupt_on_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tmp_path, progress=False)
+    records = sorted(tmp_path.rglob("*.json"))
+    assert len(records) == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.setattr(bench, "run_on_features", real)
+    counts = run_grid(grid, tmp_path, progress=False)
+    assert counts["skipped"] == 2 and counts["done"] == 6

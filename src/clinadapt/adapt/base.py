@@ -21,6 +21,7 @@ class FrozenFeatureMethod(ABC):
     tasks (C = 2 for binary), independent per-label probabilities for multi-label tasks.
     """
 
+    kind: ClassVar[str] = "frozen"
     config_cls: ClassVar[type]
     description: ClassVar[str] = ""
 
