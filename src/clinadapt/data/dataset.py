@@ -45,3 +45,22 @@ class Dataset:
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]
+
+
+class Subset:
+    """Some items of an image source, read on access: a support set of a memory-mapped split
+    does not load the rest of the split."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.asarray(self.source[self.indices[index]])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.indices), *np.asarray(self.source[self.indices[:1]]).shape[1:])
