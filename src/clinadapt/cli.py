@@ -14,12 +14,13 @@ from typing import Any
 from clinadapt.errors import ChecksumWarning, ClinadaptError
 
 GRID_AXES = ("dataset", "backbone", "weights", "method", "shots", "seed")
+NESTED = ("method_options", "train")  # set with method.NAME=VALUE and train.NAME=VALUE
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple = ()) -> None:
     """One ``--option`` per config field, with the field's help text; unset options stay None."""
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name == "method_options":
+        if f.name in skip or f.name in NESTED:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
@@ -36,7 +37,7 @@ def _collect(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str,
 
     out = {}
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name == "method_options":
+        if f.name in skip or f.name in NESTED:
             continue
         value = getattr(args, f.name, None)
         if value is None:
@@ -48,7 +49,7 @@ def _collect(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str,
 
 
 def _split_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` overrides; ``method.k=10`` sets an option of the method's config."""
+    """``key=value`` overrides; ``method.k=10`` and ``train.epochs=5`` set nested options."""
     from clinadapt.config import parse_overrides
 
     parsed = parse_overrides(items)
@@ -56,6 +57,8 @@ def _split_overrides(items: list[str]) -> dict[str, Any]:
     for key, value in parsed.items():
         if key.startswith("method."):
             out.setdefault("method_options", {})[key.removeprefix("method.")] = value
+        elif key.startswith("train."):
+            out.setdefault("train", {})[key.removeprefix("train.")] = value
         else:
             out[key] = value
     return out
@@ -101,15 +104,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = load_yaml(args.config) if args.config else {}
     options.update(_collect(args, ExperimentConfig))
     overrides = _split_overrides(args.overrides)
-    if "method_options" in overrides:
-        options["method_options"] = {
-            **options.get("method_options", {}),
-            **overrides.pop("method_options"),
-        }
+    for nested in NESTED:
+        if nested in overrides:
+            options[nested] = {**options.get(nested, {}), **overrides.pop(nested)}
     options.update(overrides)
     cfg = from_dict(ExperimentConfig, options)
-    record = run_experiment(cfg, progress=not args.quiet)
-    out = Path(args.out) if args.out else None
+    if args.command == "train":
+        run_dir = Path(args.out)
+        out = run_dir / "record.json"
+        if out.exists() and not cfg.resume:
+            raise ClinadaptError(f"{run_dir} already holds a finished run; choose another --out")
+    else:
+        run_dir, out = None, Path(args.out) if args.out else None
+    record = run_experiment(cfg, run_dir=run_dir, progress=not args.quiet)
     if out:
         write_json_atomic(out, record)
     test = record["metrics"]["test"]
@@ -183,6 +190,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from clinadapt.runner.export import export_run
+
+    out = export_run(args.run_dir, args.out, merge=args.merge)
+    print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from clinadapt.runner.predict import predict_files
+
+    out = predict_files(
+        args.run_dir, args.inputs, args.out, batch_size=args.batch_size, progress=not args.quiet
+    )
+    print(f"predictions written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clinadapt import __version__
     from clinadapt.runner.bench import GridConfig
@@ -218,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser(
+        "train",
+        help="train a gradient-based method (lora, adapter, vpt, bitfit, full) into RUN_DIR",
+    )
+    p.add_argument("--config", help="YAML file of ExperimentConfig options")
+    _add_dataclass_options(p, ExperimentConfig)
+    p.add_argument("--out", required=True, help="run folder: record, checkpoints, adapter")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides; method.NAME=VALUE sets a method option, train.NAME=VALUE a training one",
+    )
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("bench", help="run a grid of experiments (resumable) and build a report")
     p.add_argument("--config", help="YAML file of GridConfig options")
     for f in dataclasses.fields(GridConfig):
@@ -249,6 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("export", help="write a trained run's adapter or merged timm checkpoint")
+    p.add_argument("run_dir", help="folder of a `clinadapt train` run")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold the adapter into the backbone: one checkpoint plain timm code loads",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export[-merged])")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="class probabilities of a trained run for new inputs (CSV)")
+    p.add_argument("run_dir", help="folder of a `clinadapt train` run")
+    p.add_argument(
+        "inputs", nargs="+", help="image files, folders, .npz files, NIfTI/DICOM volumes"
+    )
+    p.add_argument("--out", default="predictions.csv", help="CSV file (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="build Markdown/HTML report and plots from run records")
     p.add_argument("run_dir", help="folder of run records")

@@ -19,7 +19,9 @@ from clinadapt.errors import ClinadaptError
 from clinadapt.runner.experiment import (
     ExperimentConfig,
     FeatureBundle,
+    method_kind,
     prepare_features,
+    run_experiment,
     run_on_features,
     weights_tag,
 )
@@ -114,7 +116,16 @@ def validate_names(grid: GridConfig) -> None:
 
 def _feature_key(cfg: ExperimentConfig) -> tuple:
     shared = dataclasses.asdict(cfg)
-    for name in ("method", "method_options", "shots", "seed", "allow_fewer_shots", "bootstrap"):
+    for name in (
+        "method",
+        "method_options",
+        "shots",
+        "seed",
+        "allow_fewer_shots",
+        "bootstrap",
+        "train",
+        "resume",
+    ):
         shared.pop(name)
     return tuple(sorted((k, repr(v)) for k, v in shared.items()))
 
@@ -141,6 +152,20 @@ def run_grid(
     bar = tqdm(todo, desc="bench", unit="run", disable=not progress)
     for cfg in bar:
         bar.set_postfix_str(f"{cfg.dataset}/{cfg.backbone}/{cfg.method}/{cfg.shots}/s{cfg.seed}")
+        path = record_path(out, cfg)
+        if method_kind(cfg.method) == "finetune":
+            try:
+                cfg.resume = path.with_suffix("").joinpath("checkpoint").exists()
+                record = run_experiment(cfg, run_dir=path.with_suffix(""), progress=progress)
+                counts["done"] += 1
+            except ClinadaptError as err:
+                log.warning("run %s failed: %s", path.relative_to(out), err)
+                record = _failure_record(cfg, err)
+                counts["failed"] += 1
+            write_json_atomic(path, record)
+            if on_record is not None:
+                on_record(record)
+            continue
         key = _feature_key(cfg)
         if key not in bundles:
             bundles.clear()  # keep one feature set in memory at a time

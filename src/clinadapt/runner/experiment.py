@@ -41,6 +41,13 @@ class ExperimentConfig:
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the method's config dataclass"}
     )
+    train: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "training options for gradient-based methods (TrainConfig fields)"},
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue an interrupted training run from its checkpoint"}
+    )
     shots: str = field(default="all", metadata={"help": "examples per class, or 'all'"})
     seed: int = field(default=0, metadata={"help": "seed of the few-shot sample and bootstrap"})
     resize: str = field(default="nearest", metadata={"help": "nearest, bilinear or pad"})
@@ -269,7 +276,26 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     return record
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
+def method_kind(name: str) -> str:
+    """'frozen' (features only) or 'finetune' (gradient updates)."""
+    from clinadapt.adapt import METHODS
+
+    return METHODS.get(name).kind
+
+
+def run_experiment(
+    cfg: ExperimentConfig, *, run_dir: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """One run; gradient-based methods need ``run_dir`` for checkpoints and the adapter."""
+    if method_kind(cfg.method) == "finetune":
+        from clinadapt.errors import ConfigError
+        from clinadapt.runner.finetune import run_finetune
+
+        if run_dir is None:
+            raise ConfigError(
+                f"method {cfg.method!r} trains a model: give an output folder (--out)"
+            )
+        return run_finetune(cfg, run_dir, progress=progress)
     bundle = prepare_features(cfg, progress=progress)
     record = run_on_features(cfg, bundle)
     record["timings"]["total_s"] = sum(v for k, v in record["timings"].items() if k != "total_s")

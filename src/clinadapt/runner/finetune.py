@@ -1,0 +1,154 @@
+"""Gradient-based runs: build backbone + method, train on the support set, evaluate once on test."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clinadapt.config import from_dict, to_dict
+from clinadapt.runner.experiment import ExperimentConfig, peak_memory_mb
+
+RUN_FILES = ("adapter",)
+
+
+def make_preprocess(backbone: Any, cfg: ExperimentConfig) -> Any:
+    """2D preprocessing, or the volume version for volume-native backbones."""
+    from clinadapt.backbones import get_spec
+    from clinadapt.data import Preprocess
+    from clinadapt.data.transforms import VolumePreprocess
+
+    pcfg = backbone.pretrained_cfg
+    size = cfg.input_size or pcfg.input_size
+    if getattr(get_spec(cfg.backbone), "ndim", 2) == 3:
+        resize = "trilinear" if cfg.resize == "bilinear" else cfg.resize
+        return VolumePreprocess(input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize)
+    return Preprocess(
+        input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=cfg.resize
+    )
+
+
+def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg.method`` and return the run record; the adapter is saved in ``run_dir``."""
+    from clinadapt.adapt import create_method
+    from clinadapt.adapt.checkpoint import save_adapter
+    from clinadapt.adapt.finetune import AdaptedModel
+    from clinadapt.backbones import create_backbone
+    from clinadapt.data import few_shot_indices, load_dataset
+    from clinadapt.data.dataset import Subset
+    from clinadapt.engine.train import TrainConfig, predict_proba, train
+    from clinadapt.eval import bootstrap_ci, evaluate
+    from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
+    info = dataset.info
+    timings["load_data_s"] = time.perf_counter() - start
+    backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
+    preprocess = make_preprocess(backbone, cfg)
+    train_cfg = from_dict(TrainConfig, {"seed": cfg.seed, **cfg.train}, where="train options")
+
+    support, actual_shots = few_shot_indices(
+        dataset["train"].labels,
+        info.task,
+        info.num_classes,
+        cfg.shots_value(),
+        cfg.seed,
+        allow_fewer=cfg.allow_fewer_shots,
+        class_names=list(info.labels),
+    )
+    method = create_method(cfg.method, cfg.method_options)
+    model = method.apply(AdaptedModel(backbone, info.num_classes))
+    train_split, val_split, test_split = dataset["train"], dataset["val"], dataset["test"]
+    result = train(
+        model,
+        (Subset(train_split.images, support), train_split.labels[support]),
+        (val_split.images, val_split.labels),
+        task=info.task,
+        num_classes=info.num_classes,
+        preprocess=preprocess,
+        config=train_cfg,
+        out_dir=run_dir,
+        resume=cfg.resume,
+        progress=progress,
+    )
+    adapter_dir = run_dir / "adapter"
+    save_adapter(model, method, adapter_dir)
+    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.iterdir())
+    start = time.perf_counter()
+    scores = predict_proba(
+        model,
+        test_split.images,
+        task=info.task,
+        preprocess=preprocess,
+        batch_size=train_cfg.batch_size,
+        precision=result.precision,
+        progress=progress,
+    )
+    timings["predict_s"] = time.perf_counter() - start
+    test_y = np.asarray(test_split.labels)
+    metrics: dict[str, Any] = {"test": evaluate(test_y, scores, info.task), "val": result.best_val}
+    if cfg.bootstrap > 0:
+        metrics["test_ci95"] = bootstrap_ci(
+            test_y, scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
+        )
+    trainable = model.trainable_parameters()
+    return {
+        "record_version": RECORD_VERSION,
+        "config": to_dict(cfg),
+        "dataset": {
+            "name": info.name,
+            "task": info.task.value,
+            "num_classes": info.num_classes,
+            "labels": list(info.labels),
+            "ndim": info.ndim,
+            "channels": info.channels,
+            "split_sizes": {k: len(v) for k, v in dataset.splits.items()},
+            "provenance": dict(dataset.provenance),
+        },
+        "backbone": {
+            "name": backbone.name,
+            "weights": cfg.weights,
+            "weights_id": backbone.weights_id,
+            "is_pretrained": backbone.is_pretrained,
+            "feature_dim": backbone.feature_dim,
+            "source": backbone.pretrained_cfg.source,
+            "parameters": model.base_parameters,
+        },
+        "preprocessing": {
+            **preprocess.describe(),
+            "source_size": dataset.size,
+            "precision": result.precision,
+        },
+        "method": {
+            "name": cfg.method,
+            "kind": "finetune",
+            "config": to_dict(method.config),
+            "train": to_dict(train_cfg),
+            "selected": {"best_epoch": result.best_epoch},
+            "fitted_parameters": trainable,
+            "trainable_backbone_parameters": trainable
+            - sum(p.numel() for p in model.head.parameters()),
+            "trainable_percent_of_backbone": 100.0 * trainable / model.base_parameters,
+            "adapter_bytes": adapter_bytes,
+            "stopped_early": result.stopped_early,
+        },
+        "shots": {
+            "requested": cfg.shots_value(),
+            "actual_per_class": actual_shots,
+            "support_size": len(support),
+        },
+        "metrics": metrics,
+        "history": result.history,
+        "timings": {
+            **timings,
+            "time_per_epoch_s": result.time_per_epoch_s,
+            "train_s": result.total_s,
+        },
+        "peak_memory_mb": max(result.peak_memory_mb, peak_memory_mb()),
+        "packages": package_versions(),
+        "hardware": hardware(),
+    }

@@ -1,0 +1,150 @@
+"""``clinadapt predict``: class probabilities of a trained run for new images or volumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clinadapt.errors import ClinadaptError, DataError
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any, Any]:
+    """The record, adapted model, method and preprocessing of a finished training run."""
+    from clinadapt.adapt.checkpoint import load_adapted
+    from clinadapt.config import from_dict
+    from clinadapt.runner.experiment import ExperimentConfig
+    from clinadapt.runner.finetune import make_preprocess
+
+    run_dir = Path(run_dir)
+    record_file = run_dir / "record.json"
+    if not record_file.exists():
+        raise ClinadaptError(
+            f"{run_dir} is not a finished training run (no record.json); train one with "
+            "`clinadapt train --out RUN_DIR ...` (frozen-feature runs keep no model)"
+        )
+    record = json.loads(record_file.read_text())
+    cfg = from_dict(ExperimentConfig, record["config"], where=str(record_file))
+    model, method = load_adapted(run_dir / "adapter", trust_pickle=cfg.trust_pickle)
+    return record, model.eval(), method, make_preprocess(model.backbone, cfg)
+
+
+def iter_inputs(
+    inputs: list[str], *, size: int, channels: int, ndim: int
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, image) for image files, folders of them, npz arrays and NIfTI/DICOM volumes.
+
+    Images are brought to the run's source size (e.g. 28 px), as the model saw in training.
+    """
+    from clinadapt.data.lazy import IMAGE_SUFFIXES, load_image
+    from clinadapt.data.transforms import check_pixels
+    from clinadapt.data.volumes import VOLUME_SUFFIXES, read_volume
+
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise DataError(f"input {path} does not exist")
+        if path.is_dir() and not any(path.glob("*.dcm")):
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.name.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+            )
+            if not files:
+                raise DataError(f"folder {path} holds no image or volume files")
+            yield from iter_inputs([str(p) for p in files], size=size, channels=channels, ndim=ndim)
+        elif path.name.endswith(".npz"):
+            yield from _npz_items(path, ndim)
+        elif path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES):
+            if ndim != 3:
+                raise DataError(f"{path} is a volume but this model was trained on 2D images")
+            yield str(path), read_volume(path, size=size)
+        elif path.name.lower().endswith(IMAGE_SUFFIXES):
+            if ndim == 3:
+                raise DataError(f"{path} is a 2D image but this model was trained on volumes")
+            image = load_image(path, size=size, channels=channels)
+            check_pixels(image, str(path))
+            yield str(path), image
+        else:
+            raise DataError(f"cannot read {path}: expected an image, a folder, an .npz or a volume")
+
+
+def _npz_items(path: Path, ndim: int) -> Iterator[tuple[str, np.ndarray]]:
+    from clinadapt.data.transforms import check_pixels
+
+    try:
+        with np.load(path) as archive:
+            keys = [k for k in ("test_images", "images") if k in archive.files]
+            if not keys:
+                raise DataError(
+                    f"{path} has no 'images' or 'test_images' array (has {archive.files})"
+                )
+            images = archive[keys[0]]
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable npz file: {err}") from None
+    if images.ndim != (4 if ndim == 3 else 3) and not (ndim == 2 and images.ndim == 4):
+        raise DataError(
+            f"{path}:{keys[0]} has shape {images.shape}, not a stack of "
+            f"{'volumes' if ndim == 3 else 'images'}"
+        )
+    check_pixels(images, f"{path}:{keys[0]}")
+    for i, image in enumerate(images):
+        yield f"{path}:{keys[0]}[{i}]", image
+
+
+def predict_files(
+    run_dir: str | Path,
+    inputs: list[str],
+    out_csv: str | Path,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Path:
+    """Write ``source, p_<label>..., predicted`` rows, one per input image or volume."""
+    import torch
+    from tqdm.auto import tqdm
+
+    record, model, _, preprocess = load_run(run_dir)
+    labels = record["dataset"]["labels"]
+    multilabel = record["dataset"]["task"] == "multi-label"
+    size = record["preprocessing"].get("source_size") or preprocess.input_size
+    channels = 3 if record["dataset"].get("channels", 1) == 3 else 1
+    items = iter_inputs(inputs, size=size, channels=channels, ndim=record["dataset"]["ndim"])
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", newline="") as handle, torch.inference_mode():
+        writer = csv.writer(handle)
+        writer.writerow(["source", *(f"p_{name}" for name in labels), "predicted"])
+        bar = tqdm(desc="predict", unit="img", disable=not progress)
+        for batch in _batches(items, batch_size):
+            names, images = zip(*batch, strict=True)
+            logits = model(preprocess(np.stack(images)))
+            probs = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy()
+            for name, p in zip(names, probs, strict=True):
+                predicted = (
+                    "|".join(labels[i] for i in np.flatnonzero(p >= 0.5))
+                    if multilabel
+                    else labels[int(p.argmax())]
+                )
+                writer.writerow([name, *(f"{v:.6f}" for v in p), predicted])
+            bar.update(len(batch))
+        bar.close()
+    tmp.replace(out)
+    return out
+
+
+def _batches(items: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list]:
+    """Consecutive items of equal shape, at most ``size`` at a time."""
+    batch: list = []
+    for item in items:
+        if batch and (len(batch) == size or batch[0][1].shape != item[1].shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
