@@ -182,6 +182,24 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return _run_grid_and_report(preset.grid, Path(args.out), not args.quiet)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from clinadapt.runner.bench import run_grid
+    from clinadapt.runner.presets import MEDMNIST_V2_PUBLISHED, medmnist_v2
+    from clinadapt.runner.records import read_records
+    from clinadapt.runner.report import build_report, published_comparison, summarise
+
+    datasets = args.datasets.split(",") if args.datasets else None
+    out = Path(args.out)
+    for preset in medmnist_v2(args.data_root, datasets, args.epochs):
+        for notice in preset.notices:
+            print(f"NOTICE: {notice}", file=sys.stderr)
+        run_grid(preset.grid, out, progress=not args.quiet)
+    print(published_comparison(summarise(read_records(out)), MEDMNIST_V2_PUBLISHED))
+    paths = build_report(out)
+    print(f"report: {paths['markdown']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from clinadapt.runner.report import build_report
 
@@ -310,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "reproduce", help="reproduce a paper's table: medmnist-v2 (ResNet-18 from scratch)"
+    )
+    p.add_argument("preset", choices=["medmnist-v2"])
+    p.add_argument("--datasets", default=None, help="subset of the preset's datasets")
+    p.add_argument("--data-root", default=None, help="folder of MedMNIST .npz ($CLINADAPT_DATA)")
+    p.add_argument("--epochs", type=int, default=None, help="override the paper's 100 epochs")
+    p.add_argument("--out", default="runs/medmnist-v2", help="output folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="build Markdown/HTML report and plots from run records")
     p.add_argument("run_dir", help="folder of run records")

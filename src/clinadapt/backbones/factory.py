@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 
+from clinadapt.backbones import medmnist_nets
 from clinadapt.backbones.base import Backbone
 from clinadapt.backbones.hub import download
 from clinadapt.backbones.registry import BackboneSpec, get_spec, import_open_clip, pretrained_config
@@ -37,6 +38,12 @@ def create_backbone(
     the local weights file, so feature caches never mix weights.
     """
     spec = get_spec(name)
+    if weights == "pretrained" and spec.library == "clinadapt":
+        raise ClinadaptError(
+            f"backbone {spec.name!r} has no pretrained weights: there are none published for this "
+            "architecture (it is trained from scratch). Use --weights none for a random "
+            "initialisation, or --weights PATH for a local .safetensors file."
+        )
     if weights == "pretrained":
         model = download(spec.weights_ref, lambda: _build(spec, spec.kwargs, pretrained=True))
         cfg, weights_id = pretrained_config(spec), spec.weights_ref
@@ -71,7 +78,9 @@ def create_backbone(
 
 
 def _build(spec: BackboneSpec, kwargs: dict[str, Any], *, pretrained: bool) -> nn.Module:
-    """The bare model with no classifier (timm) or the image tower (open_clip)."""
+    """The bare model with no classifier (timm, clinadapt) or the image tower (open_clip)."""
+    if spec.library == "clinadapt":
+        return medmnist_nets.create_model(spec.model_name, **{**kwargs, "num_classes": 0})
     if spec.library == "open_clip":
         open_clip = import_open_clip()
         tag = spec.pretrained_tag if pretrained else None

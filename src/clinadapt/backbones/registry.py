@@ -1,4 +1,5 @@
-"""Named backbones: one spec per alias, resolved to a timm or open_clip model before building."""
+"""Named backbones: one spec per alias, resolved to a timm, open_clip or clinadapt model before
+building."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Any, Literal
 import timm
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
+from clinadapt.backbones import medmnist_nets
 from clinadapt.backbones.base import PretrainedConfig
 from clinadapt.errors import ClinadaptError, UnknownNameError
 from clinadapt.registry import Registry, did_you_mean
 
-Library = Literal["timm", "open_clip"]
+Library = Literal["timm", "open_clip", "clinadapt"]
 TIMM_PREFIX = "timm:"
 
 
@@ -24,6 +26,9 @@ class BackboneSpec:
     ``family`` is the architecture kind (``vit``, ``swin``, ``cnn``; ``timm`` for an arbitrary
     ``timm:<name>``) so methods such as LoRA can tell transformers from CNNs. ``tiny`` marks the
     random test architectures; ``input_size`` overrides the hub config's size (small test inputs).
+    Library ``clinadapt`` is our own architectures (``backbones/medmnist_nets.py``), which have no
+    hub weights. ``ndim`` is 2 for image backbones and 3 for volume-native ones, which take
+    (B, C, D, H, W) batches from ``VolumePreprocess`` instead of ``Preprocess``.
     """
 
     name: str
@@ -35,6 +40,7 @@ class BackboneSpec:
     family: str = "cnn"
     tiny: bool = False
     input_size: int | None = None
+    ndim: int = 2
 
     @property
     def hub_name(self) -> str:
@@ -48,6 +54,8 @@ class BackboneSpec:
         """Hub weights with library: ``timm:resnet18.a1_in1k``, ``open_clip:ViT-B-16/openai``."""
         if self.library == "open_clip":
             return f"open_clip:{self.model_name}/{self.pretrained_tag}"
+        if self.library == "clinadapt":
+            return f"clinadapt:{self.model_name}"
         return f"timm:{self.hub_name}"
 
 
@@ -160,6 +168,42 @@ _SPECS = (
         tiny=True,
         input_size=32,
     ),
+    BackboneSpec(
+        "resnet18_28",
+        "clinadapt",
+        "resnet18_28",
+        "",
+        "ResNet-18 for 28 px as in the MedMNIST v2 baselines (3x3 stem, no max-pool); no weights",
+        input_size=28,
+    ),
+    BackboneSpec(
+        "resnet18_2_5d",
+        "clinadapt",
+        "resnet18_2_5d",
+        "",
+        "MedMNIST v2 ResNet-18 + 2.5D for 28^3 volumes ((1,k,k) Conv3d kernels); no weights",
+        input_size=28,
+        ndim=3,
+    ),
+    BackboneSpec(
+        "resnet18_3d",
+        "clinadapt",
+        "resnet18_3d",
+        "",
+        "MedMNIST v2 ResNet-18 + 3D for 28^3 volumes (k^3 Conv3d kernels); no weights",
+        input_size=28,
+        ndim=3,
+    ),
+    BackboneSpec(
+        "test_resnet3d",
+        "clinadapt",
+        "test_resnet3d",
+        "",
+        "tiny random 3D ResNet for tests (32-d, 16^3 px)",
+        tiny=True,
+        input_size=16,
+        ndim=3,
+    ),
 )
 for _spec in _SPECS:
     BACKBONES.register(_spec.name, _spec)
@@ -214,6 +258,16 @@ def import_open_clip() -> ModuleType:
 
 def pretrained_config(spec: BackboneSpec, source: str = "") -> PretrainedConfig:
     """Input size, mean/std and interpolation the weights expect, read offline from the library."""
+    if spec.library == "clinadapt":
+        ours = medmnist_nets.input_config(spec.model_name, spec.kwargs)
+        return PretrainedConfig(
+            input_size=spec.input_size or ours["input_size"],
+            mean=ours["mean"],
+            std=ours["std"],
+            interpolation=ours["interpolation"],
+            channels=ours["channels"],
+            source=source or spec.weights_ref,
+        )
     if spec.library == "open_clip":
         open_clip = import_open_clip()
         cfg = dict(open_clip.get_pretrained_cfg(spec.model_name, spec.pretrained_tag) or {})

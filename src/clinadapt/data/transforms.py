@@ -1,6 +1,7 @@
 """Bring a batch of medical images to what a backbone expects: 3 channels, its input size, its
 normalisation. How small images reach the input size is part of the result (MedMNIST v2
-upsampled with nearest neighbour, MedMNIST+ zero-padded), so it is explicit and recorded."""
+upsampled with nearest neighbour, MedMNIST+ zero-padded), so it is explicit and recorded.
+``VolumePreprocess`` does the same for volume-native (3D) backbones."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from clinadapt.data.checks import check_pixels
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.registry import did_you_mean
 
-__all__ = ["RESIZE_MODES", "Preprocess", "check_pixels"]
+__all__ = ["RESIZE_MODES", "VOLUME_RESIZE_MODES", "Preprocess", "VolumePreprocess", "check_pixels"]
 
 RESIZE_MODES = ("nearest", "bilinear", "pad")
+VOLUME_RESIZE_MODES = ("nearest", "trilinear", "pad")
 
 
 @dataclass(frozen=True)
@@ -112,4 +114,109 @@ class Preprocess:
             "mean": list(self.mean),
             "std": list(self.std),
             "channels": self.channels,
+        }
+
+
+@dataclass(frozen=True)
+class VolumePreprocess:
+    """``VolumePreprocess(28, 0.0, 1.0)(volumes)`` -> float32 tensor (B, channels, S, S, S).
+
+    ``volumes`` is (B, D, H, W), uint8 in [0, 255] or float in [0, 1], as a numpy array or a
+    tensor (kept on its device). The single channel is repeated to ``channels`` (3 is MedMNIST's
+    ``as_rgb``). ``mean``/``std`` are one value or one per channel. Resize modes: ``nearest``
+    (nearest-exact; integer upsampling repeats voxels), ``trilinear`` (no antialiasing, so avoid
+    it for shrinking), ``pad`` (centred in an S^3 cube of zeros, zero in voxel space, i.e. before
+    normalisation). Every axis is resized to S, so the result is a cube.
+    """
+
+    input_size: int
+    mean: float | tuple[float, ...] = 0.0
+    std: float | tuple[float, ...] = 1.0
+    resize: str = "nearest"
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.resize not in VOLUME_RESIZE_MODES:
+            raise ConfigError(
+                f"resize={self.resize!r} is not one of {list(VOLUME_RESIZE_MODES)} for volumes."
+                f"{did_you_mean(str(self.resize), list(VOLUME_RESIZE_MODES))}"
+            )
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.input_size < 1:
+            raise ConfigError(f"input_size must be positive, got {self.input_size}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            values = (
+                (float(value),)
+                if isinstance(value, int | float)
+                else tuple(float(v) for v in value)
+            )
+            if len(values) == 1:
+                values = values * self.channels
+            if len(values) != self.channels:
+                raise ConfigError(
+                    f"{key} needs 1 or {self.channels} values for channels={self.channels}, got "
+                    f"{list(values)}"
+                )
+            object.__setattr__(self, key, values)  # always a per-channel tuple: hashable
+        if min(self.std) <= 0:
+            raise ConfigError(f"std values must be positive, got {list(self.std)}")
+
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        where = "volumes given to VolumePreprocess"
+        if isinstance(batch, torch.Tensor):
+            x = batch
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise DataError(f"{where} contain NaN or infinite voxels")
+        else:
+            array = np.asarray(batch)
+            check_pixels(array, where)
+            x = torch.from_numpy(np.ascontiguousarray(array))
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        elif x.is_floating_point():
+            x = x.float()
+        else:
+            raise DataError(f"volumes must be uint8 in [0, 255] or float in [0, 1], got {x.dtype}")
+        if x.ndim != 4:
+            raise DataError(
+                f"VolumePreprocess expects a batch of volumes (B, D, H, W), got shape "
+                f"{tuple(x.shape)}"
+            )
+        x = self._resize(x[:, None])
+        if self.channels == 3:
+            x = x.expand(-1, 3, -1, -1, -1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.input_size
+        shape = tuple(x.shape[-3:])
+        if shape == (s, s, s):
+            return x
+        if self.resize == "nearest":
+            return F.interpolate(x, size=(s, s, s), mode="nearest-exact")
+        if self.resize == "trilinear":
+            return F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)
+        if max(shape) > s:
+            raise ConfigError(
+                f"resize='pad' cannot fit {'x'.join(map(str, shape))} volumes into {s}^3; "
+                "use resize='nearest' or resize='trilinear'"
+            )
+        out = x.new_zeros(x.shape[0], x.shape[1], s, s, s)
+        d, h, w = ((s - n) // 2 for n in shape)
+        out[:, :, d : d + shape[0], h : h + shape[1], w : w + shape[2]] = x
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What a run record needs to say how volumes reached the backbone."""
+        return {
+            "input_size": self.input_size,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": self.channels,
+            "ndim": 3,
         }

@@ -142,6 +142,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def published_comparison(
+    rows: list[dict[str, Any]], published: dict[tuple[str, str], dict[str, float]]
+) -> str:
+    """Our test AUC/ACC beside a paper's, with the AUC gap (ours minus published)."""
+    lines = [
+        "| dataset | backbone | AUC (ours) | AUC (paper) | gap | ACC (ours) | ACC (paper) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ref = published.get((row["dataset"], row["backbone"]))
+        if ref is None or row["shots"] != "all":
+            continue
+        lines.append(
+            f"| {row['dataset']} | {row['backbone']} | {row['auc']:.3f} | {ref['auc']:.3f} | "
+            f"{row['auc'] - ref['auc']:+.3f} | {row['acc']:.3f} | {ref['acc']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def _curve_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
