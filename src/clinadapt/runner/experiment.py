@@ -59,6 +59,10 @@ class ExperimentConfig:
     volume_mode: str = field(
         default="axial", metadata={"help": "3D through 2D: axial, coronal, sagittal or planes"}
     )
+    max_slices: int | None = field(
+        default=None,
+        metadata={"help": "3D through 2D: embed at most this many evenly spread slices per plane"},
+    )
     allow_fewer_shots: bool = field(
         default=False, metadata={"help": "use all examples of a class smaller than shots"}
     )
@@ -149,6 +153,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
             "preprocess": preprocess.describe(),
             "precision": precision,
             "volume_mode": cfg.volume_mode if dataset.info.ndim == 3 else None,
+            "max_slices": cfg.max_slices if dataset.info.ndim == 3 else None,
         }
         start = time.perf_counter()
         features[split_name], hits[split_name] = cache.get_or_compute(
@@ -160,6 +165,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
                 batch_size=cfg.batch_size,
                 precision=precision,
                 volume_mode=cfg.volume_mode,
+                max_slices=cfg.max_slices,
                 is_volume=dataset.info.ndim == 3,
                 progress=progress,
                 desc=f"{dataset.info.name}/{split_name} {backbone.name}",
@@ -172,6 +178,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     protocol["note"] = PROTOCOL_NOTES.get(cfg.resize, "")
     if dataset.info.ndim == 3:
         protocol["volume_mode"] = cfg.volume_mode
+        protocol["max_slices"] = cfg.max_slices
     return FeatureBundle(
         info=dataset.info,
         features=features,

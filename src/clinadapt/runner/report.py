@@ -62,11 +62,10 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 else None
             )
         row["verified"] = recs[0]["dataset"]["provenance"].get("verified")
-        row["protocol"] = (
-            f"{recs[0]['preprocessing'].get('resize')} "
-            f"{recs[0]['preprocessing'].get('source_size')}->"
-            f"{recs[0]['preprocessing'].get('input_size')}"
-        )
+        pre = recs[0]["preprocessing"]
+        row["protocol"] = f"{pre.get('resize')} {pre.get('source_size')}->{pre.get('input_size')}"
+        if pre.get("volume_mode"):
+            row["protocol"] += f", {pre['volume_mode']} slices ({pre.get('max_slices') or 'all'})"
         row["time_s"] = float(np.mean([r["timings"].get("total_s", 0.0) for r in recs]))
         row["fitted_parameters"] = recs[0]["method"]["fitted_parameters"]
         rows.append(row)
