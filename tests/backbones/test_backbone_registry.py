@@ -26,9 +26,9 @@ REQUIRED = {
 
 
 def _embed_once(backbone: Backbone, batch: int = 2) -> torch.Tensor:
-    size = backbone.pretrained_cfg.input_size
+    cfg, ndim = backbone.pretrained_cfg, get_spec(backbone.name).ndim
     with torch.inference_mode():
-        return backbone.embed(torch.randn(batch, 3, size, size))
+        return backbone.embed(torch.randn((batch, cfg.channels) + (cfg.input_size,) * ndim))
 
 
 def test_required_aliases_registered():
@@ -39,9 +39,9 @@ def test_required_aliases_registered():
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_alias_resolves_to_a_spec_and_config(name):
     spec = get_spec(name)
-    assert spec.name == name and spec.library in ("timm", "open_clip")
+    assert spec.name == name and spec.library in ("timm", "open_clip", "clinadapt")
     cfg = pretrained_config(spec)
-    assert cfg.input_size > 0 and len(cfg.mean) == len(cfg.std) == 3
+    assert cfg.input_size > 0 and len(cfg.mean) == len(cfg.std) == cfg.channels
     assert cfg.source == spec.weights_ref
 
 

@@ -178,9 +178,8 @@ class ResNet(nn.Module):
         self.pretrained_cfg: dict[str, Any] = {"classifier": "linear"}
         self._init_weights(inflate_init)
 
-    @property
-    def stages(self) -> list[nn.Module]:
-        return [getattr(self, f"layer{i + 1}") for i in range(4)]
+    def _stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def _init_weights(self, inflate: bool) -> None:
         for m in self.modules():
@@ -208,13 +207,15 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             want = "(B, C, H, W) images" if self.spatial_dims == 2 else "(B, C, D, H, W) volumes"
-            hint = "; use clinadapt.data.transforms.VolumePreprocess" if self.spatial_dims == 3 else ""
+            hint = (
+                "; use clinadapt.data.transforms.VolumePreprocess" if self.spatial_dims == 3 else ""
+            )
             raise DataError(
                 f"this {self.conv_mode} ResNet takes {want} with C={self.in_channels}, got shape "
                 f"{tuple(x.shape)}{hint}"
             )
         x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-        for stage in self.stages:
+        for stage in self._stages():
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
@@ -241,9 +242,8 @@ def _check_args(
         raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     mode = conv_mode or ("2d" if spatial_dims == 2 else "3d")
     if mode not in CONV_MODES:
-        raise ConfigError(
-            f"conv_mode={mode!r} is not one of {list(CONV_MODES)}.{did_you_mean(mode, list(CONV_MODES))}"
-        )
+        hint = did_you_mean(str(mode), list(CONV_MODES))
+        raise ConfigError(f"conv_mode={mode!r} is not one of {list(CONV_MODES)}.{hint}")
     if (mode == "2d") != (spatial_dims == 2):
         raise ConfigError(f"conv_mode={mode!r} does not fit spatial_dims={spatial_dims}")
     if stem not in STEMS:

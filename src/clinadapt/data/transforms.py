@@ -130,8 +130,8 @@ class VolumePreprocess:
     """
 
     input_size: int
-    mean: float | tuple[float, ...] = 0.0
-    std: float | tuple[float, ...] = 1.0
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
     resize: str = "nearest"
     channels: int = 1
 
@@ -146,12 +146,12 @@ class VolumePreprocess:
         if self.input_size < 1:
             raise ConfigError(f"input_size must be positive, got {self.input_size}")
         for key in ("mean", "std"):
-            value = getattr(self, key)
-            values = (
-                (float(value),)
-                if isinstance(value, int | float)
-                else tuple(float(v) for v in value)
-            )
+            try:
+                values = tuple(float(v) for v in np.atleast_1d(np.asarray(getattr(self, key))))
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{key} must be a number or numbers, got {getattr(self, key)!r}"
+                ) from None
             if len(values) == 1:
                 values = values * self.channels
             if len(values) != self.channels:

@@ -24,7 +24,9 @@ def make_preprocess(backbone: Any, cfg: ExperimentConfig) -> Any:
     size = cfg.input_size or pcfg.input_size
     if getattr(get_spec(cfg.backbone), "ndim", 2) == 3:
         resize = "trilinear" if cfg.resize == "bilinear" else cfg.resize
-        return VolumePreprocess(input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize)
+        return VolumePreprocess(
+            input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize, channels=pcfg.channels
+        )
     return Preprocess(
         input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=cfg.resize
     )
