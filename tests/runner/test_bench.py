@@ -131,3 +131,23 @@ def test_interrupted_bench_keeps_finished_runs_and_resumes(tmp_path, monkeypatch
     monkeypatch.setattr(bench, "run_on_features", real)
     counts = run_grid(grid, tmp_path, progress=False)
     assert counts["skipped"] == 2 and counts["done"] == 6
+
+
+@pytest.mark.parametrize(
+    ("backbone", "extra"),
+    [("test_cnn", {"volume_mode": "planes", "max_slices": 4}), ("test_resnet3d", {})],
+)
+def test_volumes_through_2d_slices_and_native_3d_backbones(tmp_path, backbone, extra):
+    cfg = ExperimentConfig(
+        dataset="synthetic-3d",
+        backbone=backbone,
+        weights="none",
+        method="prototype",
+        cache_dir=str(tmp_path),
+        **BASE,
+        **extra,
+    )
+    rec = run_experiment(cfg, progress=False)
+    assert rec["dataset"]["ndim"] == 3
+    assert rec["preprocessing"].get("volume_mode") == extra.get("volume_mode")
+    assert 0.0 <= rec["metrics"]["test"]["auc"] <= 1.0

@@ -117,10 +117,28 @@ def peak_memory_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def make_preprocess(backbone: Any, cfg: ExperimentConfig) -> Any:
+    """2D preprocessing, or the volume version for volume-native backbones."""
+    from clinadapt.backbones import get_spec
+    from clinadapt.data import Preprocess
+    from clinadapt.data.transforms import VolumePreprocess
+
+    pcfg = backbone.pretrained_cfg
+    size = cfg.input_size or pcfg.input_size
+    if getattr(get_spec(cfg.backbone), "ndim", 2) == 3:
+        resize = "trilinear" if cfg.resize == "bilinear" else cfg.resize
+        return VolumePreprocess(
+            input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize, channels=pcfg.channels
+        )
+    return Preprocess(
+        input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=cfg.resize
+    )
+
+
 def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> FeatureBundle:
     """Load data and backbone, then extract (or read cached) features for every split."""
     from clinadapt.backbones import create_backbone
-    from clinadapt.data import Preprocess, load_dataset
+    from clinadapt.data import load_dataset
     from clinadapt.engine import FeatureCache, extract_features, resolve_precision
 
     timings: dict[str, float] = {}
@@ -132,12 +150,8 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     timings["load_backbone_s"] = time.perf_counter() - start
     pcfg = backbone.pretrained_cfg
-    preprocess = Preprocess(
-        input_size=cfg.input_size or pcfg.input_size,
-        mean=tuple(pcfg.mean),
-        std=tuple(pcfg.std),
-        resize=cfg.resize,
-    )
+    preprocess = make_preprocess(backbone, cfg)
+    native_3d = preprocess.describe().get("ndim") == 3
     precision = resolve_precision(cfg.precision)
     cache = FeatureCache(Path(cfg.cache_dir)) if cfg.cache_dir else FeatureCache()
     features, labels, hits = {}, {}, {}
@@ -166,7 +180,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
                 precision=precision,
                 volume_mode=cfg.volume_mode,
                 max_slices=cfg.max_slices,
-                is_volume=dataset.info.ndim == 3,
+                is_volume=dataset.info.ndim == 3 and not native_3d,
                 progress=progress,
                 desc=f"{dataset.info.name}/{split_name} {backbone.name}",
             ),
@@ -176,7 +190,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     protocol = preprocess.describe()
     protocol["source_size"] = dataset.size
     protocol["note"] = PROTOCOL_NOTES.get(cfg.resize, "")
-    if dataset.info.ndim == 3:
+    if dataset.info.ndim == 3 and not native_3d:
         protocol["volume_mode"] = cfg.volume_mode
         protocol["max_slices"] = cfg.max_slices
     return FeatureBundle(

@@ -9,27 +9,7 @@ from typing import Any
 import numpy as np
 
 from clinadapt.config import from_dict, to_dict
-from clinadapt.runner.experiment import ExperimentConfig, peak_memory_mb
-
-RUN_FILES = ("adapter",)
-
-
-def make_preprocess(backbone: Any, cfg: ExperimentConfig) -> Any:
-    """2D preprocessing, or the volume version for volume-native backbones."""
-    from clinadapt.backbones import get_spec
-    from clinadapt.data import Preprocess
-    from clinadapt.data.transforms import VolumePreprocess
-
-    pcfg = backbone.pretrained_cfg
-    size = cfg.input_size or pcfg.input_size
-    if getattr(get_spec(cfg.backbone), "ndim", 2) == 3:
-        resize = "trilinear" if cfg.resize == "bilinear" else cfg.resize
-        return VolumePreprocess(
-            input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize, channels=pcfg.channels
-        )
-    return Preprocess(
-        input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=cfg.resize
-    )
+from clinadapt.runner.experiment import ExperimentConfig, make_preprocess, peak_memory_mb
 
 
 def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:

@@ -17,8 +17,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any, Any]:
     """The record, adapted model, method and preprocessing of a finished training run."""
     from clinadapt.adapt.checkpoint import load_adapted
     from clinadapt.config import from_dict
-    from clinadapt.runner.experiment import ExperimentConfig
-    from clinadapt.runner.finetune import make_preprocess
+    from clinadapt.runner.experiment import ExperimentConfig, make_preprocess
 
     run_dir = Path(run_dir)
     record_file = run_dir / "record.json"
