@@ -1,18 +1,46 @@
-"""Adaptation methods on frozen features, registered by name (importing this package registers
-them all)."""
+"""Adaptation methods registered by name (importing this package registers them all).
+
+Two kinds share ``METHODS``: ``frozen`` methods (``FrozenFeatureMethod``: k-NN, prototypes, linear
+probe) fit on frozen features; ``finetune`` methods (``FineTuneMethod``: full, bitfit, lora,
+adapter, vpt) decide which parameters of an ``AdaptedModel`` (backbone + new head) train.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from clinadapt.adapt import knn, linear, prototype  # noqa: F401  (registration on import)
+from clinadapt.adapt import (  # noqa: F401  (registration on import)
+    adapter,
+    bitfit,
+    full,
+    knn,
+    linear,
+    lora,
+    prototype,
+    vpt,
+)
 from clinadapt.adapt.base import METHODS, FrozenFeatureMethod
+from clinadapt.adapt.checkpoint import load_adapted, save_adapter
+from clinadapt.adapt.finetune import AdaptedModel, FineTuneMethod
 from clinadapt.config import from_dict
 
-__all__ = ["METHODS", "FrozenFeatureMethod", "create_method"]
+__all__ = [
+    "METHODS",
+    "AdaptedModel",
+    "FineTuneMethod",
+    "FrozenFeatureMethod",
+    "create_method",
+    "load_adapted",
+    "save_adapter",
+]
 
 
-def create_method(name: str, options: dict[str, Any] | None = None) -> FrozenFeatureMethod:
-    """A method by registered name, configured from ``options`` (unknown keys are ConfigErrors)."""
+def create_method(
+    name: str, options: dict[str, Any] | None = None
+) -> FrozenFeatureMethod | FineTuneMethod:
+    """A method by registered name, configured from ``options`` (unknown keys are ConfigErrors).
+
+    ``method.kind`` says which interface it has: ``frozen`` or ``finetune``.
+    """
     cls = METHODS.get(name)
     return cls(from_dict(cls.config_cls, options or {}, where=f"method {name.lower()!r}"))

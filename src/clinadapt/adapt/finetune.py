@@ -15,13 +15,15 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from clinadapt.backbones.base import Backbone
 from clinadapt.errors import ClinadaptError
+
+if TYPE_CHECKING:  # clinadapt.backbones imports timm: keep `import clinadapt.adapt` light
+    from clinadapt.backbones.base import Backbone
 
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,
@@ -93,7 +95,8 @@ class AdaptedModel(nn.Module):
             and not any(p.requires_grad for p in module.parameters(recurse=False))
         )
         if self.training:
-            self.train()
+            for name in self.frozen_norms:
+                self.get_submodule(name).eval()
         return self.frozen_norms
 
     def trainable_names(self) -> list[str]:
@@ -152,7 +155,7 @@ class FineTuneMethod(ABC):
 
     @abstractmethod
     def apply(self, model: AdaptedModel) -> AdaptedModel:
-        """Insert the method's layers and mark trainable parameters (called once, before training)."""
+        """Insert the method's layers and mark trainable parameters (once, before training)."""
 
     def merge(self, model: AdaptedModel) -> nn.Module:
         """A plain model (no clinadapt layers) computing the same logits as ``model``."""
@@ -167,14 +170,18 @@ class FineTuneMethod(ABC):
 
     def _begin(self, model: AdaptedModel, name: str) -> None:
         """Refuse a second method on the same model; freeze the backbone, train the head."""
+        self._require_fresh(model, name)
+        model.method_name = name
+        model.backbone.requires_grad_(False)
+        model.head.requires_grad_(True)
+
+    @staticmethod
+    def _require_fresh(model: AdaptedModel, name: str) -> None:
         if model.method_name is not None:
             raise ClinadaptError(
                 f"this model was already adapted with {model.method_name!r}; build a fresh "
                 f"AdaptedModel to apply {name!r}"
             )
-        model.method_name = name
-        model.backbone.requires_grad_(False)
-        model.head.requires_grad_(True)
 
 
 def attach_classifier(features: nn.Module, head: nn.Linear) -> nn.Module:
