@@ -177,7 +177,7 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
     paths = []
     for (dataset, backbone), group in _curve_groups(rows).items():
         shots = sorted({r["shots"] for r in group}, key=_shots_order)
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(9, 4))
         lines: dict[tuple[str, str, bool], list[dict[str, Any]]] = defaultdict(list)
         for r in group:
             lines[(r["method"], r["weights"], r["pretrained"])].append(r)
@@ -194,7 +194,7 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
         ax.set_ylabel("test AUC (mean ± sd over seeds)")
         ax.set_title(f"{dataset}: {backbone}")
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out_dir / f"label_efficiency_{dataset}_{backbone.replace(':', '-')}.png"
         fig.savefig(path, dpi=120)
@@ -204,7 +204,8 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
 
 
 def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """Bars of AUC with all labels: each pretrained backbone beside its untrained control."""
+    """Bars of AUC with all labels, each pretrained backbone beside its untrained control;
+    error bars are bootstrap 95% CIs on the test split."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,13 +215,14 @@ def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Pat
     if not any(not r["pretrained"] for r in full) or not any(r["pretrained"] for r in full):
         return None
     cats = sorted({(r["dataset"], r["backbone"], r["method"]) for r in full})
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cats)), 4))
+    several_backbones = len({c[1] for c in cats}) > 1
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cats) + 2), 4.5))
     width = 0.4
     for offset, pretrained, name in (
         (-width / 2, True, "pretrained"),
         (width / 2, False, "control"),
     ):
-        vals, errs = [], []
+        vals, lows, highs = [], [], []
         for cat in cats:
             match = [
                 r
@@ -228,11 +230,23 @@ def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Pat
                 if (r["dataset"], r["backbone"], r["method"]) == cat
                 and r["pretrained"] is pretrained
             ]
-            vals.append(match[0]["auc"] if match else np.nan)
-            errs.append(match[0]["auc_sd"] if match else 0.0)
-        ax.bar(np.arange(len(cats)) + offset, vals, width, yerr=errs, label=name, capsize=2)
-    ax.set_xticks(range(len(cats)), [f"{d}\n{b}\n{m}" for d, b, m in cats], fontsize=6)
-    ax.set_ylabel("test AUC, all labels")
+            auc = match[0]["auc"] if match else np.nan
+            ci = (match[0].get("auc_ci") if match else None) or [auc, auc]
+            vals.append(auc)
+            lows.append(max(auc - ci[0], 0.0))
+            highs.append(max(ci[1] - auc, 0.0))
+        ax.bar(
+            np.arange(len(cats)) + offset,
+            vals,
+            width,
+            yerr=[lows, highs],
+            label=name,
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+        )
+    labels = [f"{d} / {m}" + (f"\n{b}" if several_backbones else "") for d, b, m in cats]
+    ax.set_xticks(range(len(cats)), labels, rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("test AUC, all labels (95% bootstrap CI)")
     ax.set_ylim(0.4, 1.0)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend()
