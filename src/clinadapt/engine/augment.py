@@ -55,14 +55,14 @@ class AugmentConfig:
     @property
     def active(self) -> bool:
         return any(
-            p > 0 for p in (self.hflip, self.vflip, self.dflip, self.affine, self.intensity, self.color)
+            p > 0
+            for p in (self.hflip, self.vflip, self.dflip, self.affine, self.intensity, self.color)
         )
 
 
-_LIGHT = AugmentConfig(hflip=0.5, affine=0.5, intensity=0.5)
 PRESETS: dict[str, AugmentConfig] = {
     "none": AugmentConfig(),
-    "light": _LIGHT,
+    "light": AugmentConfig(hflip=0.5, affine=0.5, intensity=0.5),
     "medium": AugmentConfig(
         hflip=0.5,
         vflip=0.5,
@@ -110,7 +110,9 @@ def _check(config: AugmentConfig, grayscale: bool) -> None:
         raise ConfigError("augment_options contrast, saturation and channel_gain must be below 1")
     low, high = config.scale if len(config.scale) == 2 else (0.0, -1.0)
     if not 0 < low <= high:
-        raise ConfigError(f"augment_options.scale must be (min, max) with 0 < min <= max, got {config.scale}")
+        raise ConfigError(
+            f"augment_options.scale must be (min, max) with 0 < min <= max, got {config.scale}"
+        )
     if grayscale and config.color > 0:
         raise ConfigError(
             "colour jitter (augment_options.color) needs RGB images; these images are grayscale"
@@ -173,7 +175,9 @@ class Augmenter:
         picked = x[idx]
         grid = F.affine_grid(theta.to(x.device, x.dtype), list(picked.shape), align_corners=False)
         floor = picked.flatten(2).amin(dim=2).view(*picked.shape[:2], *[1] * spatial)
-        warped = F.grid_sample(picked - floor, grid, align_corners=False, padding_mode="zeros") + floor
+        warped = (
+            F.grid_sample(picked - floor, grid, align_corners=False, padding_mode="zeros") + floor
+        )
         out = x.clone()
         out[idx] = warped
         return out

@@ -20,7 +20,8 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.backbones import create_backbone
     from clinadapt.data import few_shot_indices, load_dataset
     from clinadapt.data.dataset import Subset
-    from clinadapt.engine.train import TrainConfig, predict_proba, train
+    from clinadapt.engine.predict import predict_proba
+    from clinadapt.engine.train import TrainConfig, train
     from clinadapt.eval import bootstrap_ci, evaluate
     from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
 
@@ -31,6 +32,8 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     timings["load_data_s"] = time.perf_counter() - start
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     preprocess = make_preprocess(backbone, cfg)
+    # volumes through a 2D backbone are trained slice-wise; volume-native nets take them whole
+    slice_volumes = info.ndim == 3 and preprocess.describe().get("ndim") != 3
     train_cfg = from_dict(TrainConfig, {"seed": cfg.seed, **cfg.train}, where="train options")
 
     support, actual_shots = few_shot_indices(
@@ -56,6 +59,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         out_dir=run_dir,
         resume=cfg.resume,
         progress=progress,
+        volume=slice_volumes,
     )
     adapter_dir = run_dir / "adapter"
     save_adapter(model, method, adapter_dir)
@@ -68,6 +72,8 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         preprocess=preprocess,
         batch_size=train_cfg.batch_size,
         precision=result.precision,
+        volume=slice_volumes,
+        max_slices=train_cfg.max_slices,
         progress=progress,
     )
     timings["predict_s"] = time.perf_counter() - start

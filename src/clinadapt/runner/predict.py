@@ -104,10 +104,14 @@ def predict_files(
     progress: bool = True,
 ) -> Path:
     """Write ``source, p_<label>..., predicted`` rows, one per input image or volume."""
-    import torch
     from tqdm.auto import tqdm
 
+    from clinadapt.data.info import TaskType
+    from clinadapt.engine.predict import predict_proba
+
     record, model, _, preprocess = load_run(run_dir)
+    task = TaskType(record["dataset"]["task"])
+    slice_volumes = record["dataset"]["ndim"] == 3 and preprocess.describe().get("ndim") != 3
     labels = record["dataset"]["labels"]
     multilabel = record["dataset"]["task"] == "multi-label"
     size = record["preprocessing"].get("source_size") or preprocess.input_size
@@ -116,14 +120,21 @@ def predict_files(
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", newline="") as handle, torch.inference_mode():
+    with tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["source", *(f"p_{name}" for name in labels), "predicted"])
         bar = tqdm(desc="predict", unit="img", disable=not progress)
         for batch in _batches(items, batch_size):
             names, images = zip(*batch, strict=True)
-            logits = model(preprocess(np.stack(images)))
-            probs = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy()
+            probs = predict_proba(
+                model,
+                np.stack(images),
+                task=task,
+                preprocess=preprocess,
+                batch_size=batch_size,
+                volume=slice_volumes,
+                progress=False,
+            )
             for name, p in zip(names, probs, strict=True):
                 predicted = (
                     "|".join(labels[i] for i in np.flatnonzero(p >= 0.5))

@@ -1,0 +1,354 @@
+"""The epoch loop behind ``clinadapt.engine.train.train``.
+
+One ``Loop`` per run: it owns the prepared model, optimiser, schedule, data loaders, sampler
+and augmentation generator, and checkpoints all of them after every epoch so that a resumed
+run continues exactly as an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from clinadapt.data.info import TaskType
+from clinadapt.engine.augment import AugmentConfig, Augmenter
+from clinadapt.engine.batches import (
+    ArraySource,
+    Collate,
+    EpochSampler,
+    SliceMean,
+    balanced_sample_weights,
+)
+from clinadapt.engine.checkpoint import (
+    CheckpointDir,
+    capture_rng,
+    config_hash,
+    load_trainable_state,
+    restore_rng,
+    trainable_state,
+)
+from clinadapt.engine.curves import plot_curves, write_history
+from clinadapt.engine.features import memory_format_for
+from clinadapt.engine.losses import build_criterion, mean_nll, probabilities
+from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
+from clinadapt.errors import ClinadaptError, ConfigError
+from clinadapt.eval.metrics import evaluate
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from clinadapt.engine.train import EpochCallback, TrainConfig, TrainResult
+
+HISTORY_METRICS = ("loss", "auc", "acc", "balanced_accuracy", "macro_f1", "ece")
+
+
+def keep_frozen_norms_in_eval(model: nn.Module) -> None:
+    """Norm layers with running statistics and no trainable parameter belong to the frozen part
+    of the model: in train mode their statistics would drift towards the training batches.
+
+    Models that decide this themselves (``AdaptedModel.frozen_norms``, kept in eval mode by its
+    ``train()``; full fine-tuning lets every norm train) are left to do so.
+    """
+    if hasattr(model, "frozen_norms"):
+        return
+    for module in model.modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._NormBase)
+            and module.track_running_stats
+            and not any(p.requires_grad for p in module.parameters(recurse=False))
+        ):
+            module.eval()
+
+
+class Loop:
+    """Trains ``model`` in place; see ``train`` for the contract."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        train: tuple[Any, np.ndarray],
+        val: tuple[Any, np.ndarray] | None,
+        *,
+        task: TaskType,
+        num_classes: int,
+        preprocess: Any,
+        config: TrainConfig,
+        augment: AugmentConfig,
+        resolved: dict[str, Any],
+        out_dir: Path,
+        volume: bool,
+        progress: bool,
+    ) -> None:
+        from accelerate.utils import set_seed
+
+        self.acc, self.model, self.task, self.config = accelerator, model, task, config
+        self.resolved, self.out_dir = resolved, out_dir
+        self.progress = progress and accelerator.is_main_process
+        set_seed(config.seed, device_specific=True)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ConfigError(
+                "the model has no trainable parameters; apply a fine-tuning method first"
+            )
+        images, labels = train
+        weights = None
+        if config.class_balance == "sampler":
+            weights = balanced_sample_weights(labels, task, num_classes)
+        self.sampler = EpochSampler(len(labels), config.seed, weights)
+        collate = Collate(preprocess, volume, config.max_slices)
+        n, b = len(labels), config.batch_size
+        loader = DataLoader(
+            ArraySource(images, labels),
+            batch_size=b,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            drop_last=n > b and n % b == 1,  # a batch of one breaks BatchNorm in train mode
+        )
+        self.train_loader = accelerator.prepare(loader)
+        self.val_labels = None if val is None else val[1]
+        self.val_loader = None
+        if val is not None:
+            val_loader = DataLoader(
+                ArraySource(*val), batch_size=b, collate_fn=collate, num_workers=config.num_workers
+            )
+            self.val_loader = accelerator.prepare(val_loader)
+        self.criterion = build_criterion(
+            task,
+            num_classes,
+            labels,
+            class_weights=config.class_balance == "weights",
+            label_smoothing=config.label_smoothing,
+        ).to(accelerator.device)
+        self.layout = memory_format_for(model)
+        self.net = accelerator.prepare(
+            (SliceMean(model) if volume else model).to(memory_format=self.layout)
+        )
+        optimizer = build_optimizer(
+            parameter_groups(model, config.weight_decay),
+            config.optimizer,
+            config.lr,
+            config.momentum,
+        )
+        steps = math.ceil(len(self.train_loader) / config.grad_accumulation)
+        factor = lr_factor(
+            config.schedule,
+            steps,
+            config.epochs,
+            config.warmup_epochs,
+            config.milestones,
+            config.gamma,
+        )
+        self.scheduler = LambdaLR(optimizer, factor)
+        self.optimizer = accelerator.prepare(optimizer)
+        seed = int(
+            np.random.SeedSequence([config.seed, accelerator.process_index]).generate_state(1)[0]
+        )
+        self.augment = Augmenter(augment, seed)
+        self.checkpoints = CheckpointDir(out_dir / "checkpoint")
+        self.epoch, self.bad_evals, self.stopped_early = 0, 0, False
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch, self.best_score = 0, math.nan
+        self.best_val: dict[str, Any] = {}
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    def run(self, *, resume: bool, on_epoch_end: EpochCallback | None) -> TrainResult:
+        from clinadapt.engine.train import TrainResult
+
+        start = time.perf_counter()
+        device = self.acc.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            self._epochs(resume, on_epoch_end)
+        finally:  # undo accelerate's autocast wrapper of forward, also when training failed
+            self.acc.unwrap_model(self.net, keep_fp32_wrapper=False)
+        load_trainable_state(self.model, self.best_state)
+        self.model.eval()
+        if self.acc.is_main_process:
+            write_history(self.history, self.out_dir / "history.json")
+            plot_curves(self.history, self.out_dir / "curves.png")
+        self.acc.wait_for_everyone()
+        return TrainResult(
+            best_epoch=self.best_epoch,
+            best_val=self.best_val,
+            history=self.history,
+            time_per_epoch_s=float(np.mean([r["seconds"] for r in self.history])),
+            total_s=time.perf_counter() - start,
+            peak_memory_mb=_peak_memory_mb(device),
+            stopped_early=self.stopped_early,
+            precision=self.resolved["precision"],
+            trainable_parameters=sum(p.numel() for p in self.trainable),
+        )
+
+    def _epochs(self, resume: bool, on_epoch_end: EpochCallback | None) -> None:
+        finished = self._restore() if resume else False
+        while not finished:
+            epoch, began = self.epoch + 1, time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch, **self._train_epoch(epoch)}
+            last = epoch == self.config.epochs
+            if self.val_loader is not None and (last or epoch % self.config.eval_every == 0):
+                metrics = self._validate()
+                row.update({f"val_{k}": metrics[k] for k in HISTORY_METRICS})
+                self._select(epoch, metrics)
+            row["seconds"] = time.perf_counter() - began
+            self.history.append(row)
+            self.epoch = epoch
+            finished = last or self.stopped_early
+            self._save(finished)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        acc, config = self.acc, self.config
+        self.net.train()
+        keep_frozen_norms_in_eval(self.model)
+        lr = self.optimizer.param_groups[0]["lr"]  # the epoch's first step's learning rate
+        total = torch.zeros(2, dtype=torch.float64)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not self.progress,
+        )
+        for step, (x, y, _) in enumerate(bar, 1):
+            with acc.accumulate(self.net):
+                x = self._layout(self.augment(x))
+                loss = self.criterion(self.net(x).float(), y)
+                size = torch.tensor(float(len(y)), device=loss.device)
+                stats = acc.gather(torch.stack([loss.detach() * size, size])[None]).double()
+                if not torch.isfinite(stats[:, 0]).all():
+                    raise self._diverged(epoch, step, stats[:, 0], lr)
+                acc.backward(loss)
+                if acc.sync_gradients and config.clip_grad_norm > 0:
+                    acc.clip_grad_norm_(self.trainable, config.clip_grad_norm)
+                self.optimizer.step()
+                if acc.sync_gradients and not self.optimizer.step_was_skipped:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += stats.sum(dim=0).cpu()
+            bar.set_postfix(loss=f"{total[0] / total[1]:.4f}")
+        bar.close()
+        return {"train_loss": float(total[0] / total[1]), "lr": lr}
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.layout) if x.ndim == 4 else x
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, Any]:
+        self.net.eval()
+        probs, index = [], []
+        for x, _, idx in self.val_loader:
+            p = probabilities(self.net(self._layout(x)), self.task)
+            p, idx = self.acc.gather_for_metrics((p, idx))
+            probs.append(p.cpu())
+            index.append(idx.cpu())
+        order = torch.cat(index).argsort()
+        scores = torch.cat(probs)[order].double().numpy()
+        metrics = evaluate(self.val_labels, scores, self.task)
+        metrics["loss"] = mean_nll(self.val_labels, scores, self.task)
+        return metrics
+
+    def _select(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Keep the best epoch's state; count evaluations without improvement."""
+        key = self.config.select_metric
+        score = -metrics[key] if key == "loss" else metrics[key]
+        first = self.best_epoch == 0
+        if first or (math.isfinite(score) and not score <= self.best_score):
+            self.best_epoch, self.best_score, self.best_val = epoch, score, metrics
+            self.best_state = trainable_state(self.model)
+            self.bad_evals = 0
+            return
+        self.bad_evals += 1
+        patience = self.config.early_stopping_patience
+        self.stopped_early = patience > 0 and self.bad_evals >= patience
+
+    def _diverged(self, epoch: int, step: int, losses: torch.Tensor, lr: float) -> ClinadaptError:
+        kept = (
+            f"the last good checkpoint (epoch {self.epoch}) is in {self.checkpoints.root}"
+            if self.epoch
+            else "no checkpoint had been written yet"
+        )
+        return ClinadaptError(
+            f"training diverged: the loss is {losses.tolist()} at epoch {epoch}, step {step}. "
+            f"Lower the learning rate (lr={lr:g} now) or train in full precision "
+            f"(precision='fp32'; this run used {self.resolved['precision']}); {kept}"
+        )
+
+    def _save(self, finished: bool) -> None:
+        acc = self.acc
+        state = trainable_state(self.model)
+        if self.val_loader is None:  # without validation the last epoch is the result
+            self.best_epoch, self.best_state = self.epoch, state
+        if acc.is_main_process:
+            self.checkpoints.stage()
+        acc.wait_for_everyone()
+        self.checkpoints.write_rng(acc.process_index, capture_rng(self.augment.generator))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            self.checkpoints.commit(
+                model=state,
+                best=self.best_state,
+                training={
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": scaler,
+                },
+                meta={
+                    "epoch": self.epoch,
+                    "finished": finished,
+                    "history": self.history,
+                    "best_epoch": self.best_epoch,
+                    "best_score": self.best_score,
+                    "best_val": self.best_val,
+                    "bad_evals": self.bad_evals,
+                    "stopped_early": self.stopped_early,
+                    "sampler": self.sampler.state(),
+                    "config": self.resolved,
+                    "config_hash": config_hash(self.resolved),
+                },
+            )
+            write_history(self.history, self.out_dir / "history.json")
+        acc.wait_for_everyone()
+
+    def _restore(self) -> bool:
+        """Continue from the checkpoint, if any; True when that run had already finished."""
+        ckpt = self.checkpoints.load(self.resolved)
+        if ckpt is None:
+            return False
+        load_trainable_state(self.model, ckpt.model)
+        self.optimizer.load_state_dict(ckpt.training["optimizer"])
+        self.scheduler.load_state_dict(ckpt.training["scheduler"])
+        if self.acc.scaler is not None and ckpt.training["scaler"] is not None:
+            self.acc.scaler.load_state_dict(ckpt.training["scaler"])
+        restore_rng(ckpt.rng(self.acc.process_index), self.augment.generator)
+        meta = ckpt.meta
+        self.sampler.load_state(meta["sampler"])
+        self.epoch, self.history = meta["epoch"], meta["history"]
+        self.best_epoch, self.best_score = meta["best_epoch"], meta["best_score"]
+        self.best_val, self.best_state = meta["best_val"], ckpt.best
+        self.bad_evals, self.stopped_early = meta["bad_evals"], meta["stopped_early"]
+        return meta["finished"]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA's peak allocation on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

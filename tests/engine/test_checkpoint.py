@@ -1,0 +1,142 @@
+"""Checkpoints: exact resume, refusing another configuration, divergence, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clinadapt.engine.train import TrainConfig, train
+from clinadapt.errors import ClinadaptError, ConfigError
+
+from .ddp_script import PREPROCESS, tiny_data, tiny_model
+
+DATA = tiny_data(n_train=24, n_val=12)
+# sampling, augmentation and dropout all draw random numbers that a resume must replay
+OPTIONS = {
+    "batch_size": 8,
+    "lr": 0.05,
+    "precision": "fp32",
+    "device": "cpu",
+    "augment": "medium",
+    "class_balance": "sampler",
+}
+
+
+def fit(model, out_dir, *, epochs=4, resume=False, on_epoch_end=None, **options):
+    return train(
+        model,
+        (DATA["train"].images, DATA["train"].labels),
+        (DATA["val"].images, DATA["val"].labels),
+        task="binary",
+        num_classes=2,
+        preprocess=PREPROCESS,
+        config=TrainConfig(**{**OPTIONS, "epochs": epochs, **options}),
+        out_dir=out_dir,
+        resume=resume,
+        progress=False,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def stop_after(epoch_to_stop):
+    def callback(epoch, row):
+        if epoch == epoch_to_stop:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    model = tiny_model(dropout=0.3)
+    full = fit(model, tmp_path / "full")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(dropout=0.3), tmp_path / "resumed", on_epoch_end=stop_after(2))
+    torch.manual_seed(123)  # a new process starts with other random states
+    np.random.seed(123)
+    random.seed(123)
+    resumed_model, epochs = tiny_model(dropout=0.3), []
+    resumed = fit(
+        resumed_model,
+        tmp_path / "resumed",
+        resume=True,
+        on_epoch_end=lambda epoch, row: epochs.append(epoch),
+    )
+    assert epochs == [3, 4]
+    final, expected = resumed_model.state_dict(), model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in expected.items())
+    assert without_seconds(resumed.history) == without_seconds(full.history)
+    assert (resumed.best_epoch, resumed.best_val) == (full.best_epoch, full.best_val)
+
+
+def test_resuming_with_another_configuration_names_the_keys(tmp_path):
+    fit(tiny_model(), tmp_path, epochs=1)
+    with pytest.raises(ConfigError, match=r"lr: 0\.05 -> 0\.1"):
+        fit(tiny_model(), tmp_path, epochs=1, lr=0.1, resume=True)
+    frozen = tiny_model(frozen=True)  # another method: other parameters train
+    with pytest.raises(ConfigError, match="trainable"):
+        fit(frozen, tmp_path, epochs=1, resume=True)
+    fit(tiny_model(), tmp_path, epochs=1, num_workers=0, resume=True)  # same config: fine
+
+
+def test_resuming_a_finished_run_trains_no_more(tmp_path):
+    model = tiny_model()
+    first = fit(model, tmp_path, epochs=2)
+    again, calls = tiny_model(), []
+    second = fit(again, tmp_path, epochs=2, resume=True, on_epoch_end=lambda *a: calls.append(a))
+    assert calls == [] and second.history == first.history
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_files(tmp_path):
+    fit(tiny_model(), tmp_path, epochs=1)
+    ckpt = tmp_path / "checkpoint"
+    names = {"model.safetensors", "best.safetensors", "training.pt", "rng-0.pt", "state.json"}
+    assert {p.name for p in ckpt.iterdir()} == names
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 1 and len(state["config_hash"]) == 64
+    assert state["config"]["precision"] == "fp32" and "sampler" in state
+    training = torch.load(ckpt / "training.pt", weights_only=True)
+    assert set(training) == {"optimizer", "scheduler", "scaler"}
+    assert set(load_file(ckpt / "model.safetensors")) == set(tiny_model().state_dict())
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+
+    def poison(epoch, row):
+        if epoch == 1:
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(ClinadaptError, match=r"epoch 2, step 1.*learning rate.*fp32"):
+        fit(model, tmp_path, epochs=3, on_epoch_end=poison)
+    ckpt = tmp_path / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
+    result = fit(tiny_model(), tmp_path, epochs=3, resume=True)  # and training can go on
+    assert len(result.history) == 3
+
+
+def test_a_crash_while_swapping_checkpoints_leaves_one_complete(tmp_path):
+    fit(tiny_model(), tmp_path, epochs=2)
+    ckpt = tmp_path / "checkpoint"
+    # crashed between "checkpoint -> checkpoint.old" and "checkpoint.tmp -> checkpoint"
+    os.replace(ckpt, tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
+    calls = []
+    result = fit(
+        tiny_model(), tmp_path, epochs=2, resume=True, on_epoch_end=lambda *a: calls.append(a)
+    )
+    assert calls == [] and len(result.history) == 2

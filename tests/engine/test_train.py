@@ -1,0 +1,249 @@
+"""train(): outputs, what trains and what must not move, tasks, volumes, options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clinadapt.adapt.finetune import AdaptedModel
+from clinadapt.backbones import create_backbone
+from clinadapt.config import from_dict
+from clinadapt.data import TaskType
+from clinadapt.engine.batches import balanced_sample_weights
+from clinadapt.engine.schedule import lr_factor
+from clinadapt.engine.train import TrainConfig, predict_proba, train
+from clinadapt.errors import ConfigError
+from clinadapt.eval import evaluate
+
+from .ddp_script import PREPROCESS, tiny_data, tiny_model
+
+FAST = {"batch_size": 16, "precision": "fp32", "device": "cpu", "augment": "none"}
+
+
+def run(model, data, tmp_path, task="binary", num_classes=2, val=True, volume=False, **options):
+    config = TrainConfig(**{**FAST, "epochs": 2, **options})
+    return train(
+        model,
+        (data["train"].images, data["train"].labels),
+        (data["val"].images, data["val"].labels) if val else None,
+        task=task,
+        num_classes=num_classes,
+        preprocess=PREPROCESS,
+        config=config,
+        out_dir=tmp_path,
+        progress=False,
+        volume=volume,
+    )
+
+
+def test_adapted_vit_trains_and_writes_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = AdaptedModel(create_backbone("test_vit", "none"), 2)
+    data = tiny_data()
+    result = run(model, data, tmp_path, epochs=3, lr=0.01, augment="auto")
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert {"train_loss", "lr", "val_auc", "val_acc", "val_loss", "seconds"} <= set(
+        result.history[0]
+    )
+    assert result.best_val["n"] == 24 and 0 <= result.best_val["auc"] <= 1
+    assert result.history[result.best_epoch - 1]["val_auc"] == result.best_val["auc"]
+    assert result.precision == "fp32" and result.peak_memory_mb > 0 and result.total_s > 0
+    assert result.trainable_parameters == model.trainable_parameters() == 130
+    assert not model.training and not result.stopped_early
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert [r["epoch"] for r in saved] == [1, 2, 3]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoint" / "state.json").is_file()
+    # the restored best model predicts exactly what validation measured
+    scores = predict_proba(
+        model,
+        data["val"].images,
+        task="binary",
+        preprocess=PREPROCESS,
+        batch_size=16,
+        progress=False,
+    )
+    assert scores.shape == (24, 2)
+    assert evaluate(data["val"].labels, scores, "binary")["auc"] == result.best_val["auc"]
+
+
+def test_best_epoch_weights_are_restored(tmp_path):
+    data = tiny_data()
+    states = {}
+    model = tiny_model()
+
+    def keep(epoch, row):
+        states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    config = TrainConfig(**{**FAST, "epochs": 4, "lr": 0.05, "select_metric": "loss"})
+    result = train(
+        model,
+        (data["train"].images, data["train"].labels),
+        (data["val"].images, data["val"].labels),
+        task="binary",
+        num_classes=2,
+        preprocess=PREPROCESS,
+        config=config,
+        out_dir=tmp_path,
+        progress=False,
+        on_epoch_end=keep,
+    )
+    losses = [r["val_loss"] for r in result.history]
+    assert result.best_epoch == int(np.argmin(losses)) + 1
+    best = states[result.best_epoch]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
+def adapted_cnn():
+    torch.manual_seed(0)
+    return AdaptedModel(create_backbone("test_cnn", "none"), 2)  # frozen ResNet with BatchNorm
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_model(frozen=True), adapted_cnn])
+def test_frozen_parameters_and_batchnorm_stay_bit_exact(tmp_path, build):
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    run(model, tiny_data(n_train=32), tmp_path, lr=0.05, weight_decay=0.1, augment="light")
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.startswith("head."):
+            assert not torch.equal(after[key], value), key
+        else:  # conv weights, BatchNorm affine and running statistics, num_batches_tracked
+            assert torch.equal(after[key], value), key
+
+
+def test_trainable_batchnorm_updates_its_statistics(tmp_path):
+    model = tiny_model()
+    before = model.features[1].running_mean.clone()
+    run(model, tiny_data(), tmp_path, lr=0.05)
+    assert not torch.equal(model.features[1].running_mean, before)
+    assert model.features[1].num_batches_tracked.item() > 0
+
+
+def test_multilabel_with_class_weights_and_balanced_sampler(tmp_path):
+    data = tiny_data("multi-label", num_classes=3)
+    for balance in ("weights", "sampler"):
+        result = run(
+            tiny_model(3), data, tmp_path / balance, "multi-label", 3, class_balance=balance
+        )
+        assert np.isfinite(result.history[-1]["train_loss"])
+        assert len(result.best_val["per_class_recall"]) == 3
+
+
+def test_multiclass_label_smoothing_and_step_schedule(tmp_path):
+    data = tiny_data("multi-class", num_classes=4, n_train=40)
+    result = run(
+        tiny_model(4),
+        data,
+        tmp_path,
+        "multi-class",
+        4,
+        epochs=3,
+        label_smoothing=0.1,
+        optimizer="adam",
+        schedule="step",
+        milestones=(2,),
+        lr=0.01,
+    )
+    assert [r["lr"] for r in result.history] == pytest.approx([0.01, 0.01, 0.001])
+
+
+def test_volumes_train_slice_by_slice(tmp_path):
+    data = tiny_data("binary", ndim=3, size=8, n_train=12, n_val=6)
+    model = tiny_model()
+    result = run(model, data, tmp_path, volume=True, augment="auto", max_slices=4, batch_size=4)
+    assert result.best_val["n"] == 6
+    scores = predict_proba(
+        model,
+        data["val"].images,
+        task="binary",
+        preprocess=PREPROCESS,
+        batch_size=4,
+        volume=True,
+        max_slices=4,
+        progress=False,
+    )
+    assert evaluate(data["val"].labels, scores, "binary")["auc"] == result.best_val["auc"]
+
+
+def test_without_validation_the_last_epoch_is_kept(tmp_path):
+    result = run(tiny_model(), tiny_data(), tmp_path, val=False, epochs=2)
+    assert result.best_epoch == 2 and result.best_val == {}
+    assert "val_auc" not in result.history[-1]
+
+
+def test_validation_every_other_epoch(tmp_path):
+    result = run(tiny_model(), tiny_data(), tmp_path, epochs=3, eval_every=2)
+    assert ["val_auc" in r for r in result.history] == [False, True, True]
+    assert result.best_epoch in (2, 3)
+
+
+def test_early_stopping(tmp_path):
+    result = run(tiny_model(), tiny_data(), tmp_path, epochs=6, lr=0.0, early_stopping_patience=2)
+    assert result.stopped_early and result.best_epoch == 1 and len(result.history) == 3
+
+
+def test_grad_accumulation_and_sgd(tmp_path):
+    result = run(tiny_model(), tiny_data(), tmp_path, grad_accumulation=2, optimizer="sgd")
+    assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    result = run(tiny_model(), tiny_data(), tmp_path, precision="bf16", epochs=1)
+    assert result.precision == "bf16" and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+    data = tiny_data(n_train=16, n_val=4)
+    finals = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AdaptedModel(create_backbone("test_vit", "none"), 2)
+        model.backbone.model.blocks[-1].requires_grad_(True)
+        run(
+            model,
+            data,
+            tmp_path / str(checkpointing),
+            epochs=1,
+            batch_size=8,
+            gradient_checkpointing=checkpointing,
+        )
+        finals.append(model.state_dict())
+        assert not model.backbone.model.grad_checkpointing  # switched off again afterwards
+    for key, value in finals[0].items():
+        torch.testing.assert_close(finals[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="adamw"):
+        TrainConfig(optimizer="adamx")
+    with pytest.raises(ConfigError, match="unknown option"):
+        from_dict(TrainConfig, {"learning_rate": 0.1})
+    assert from_dict(TrainConfig, {"milestones": [50, 75], "lr": 1}).milestones == (50, 75)
+    with pytest.raises(ConfigError, match="CUDA"):
+        run(tiny_model(), tiny_data(), tmp_path, precision="fp16")
+    with pytest.raises(ConfigError, match="set_grad_checkpointing"):
+        run(tiny_model(), tiny_data(), tmp_path, gradient_checkpointing=True)
+    frozen = tiny_model()
+    frozen.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        run(frozen, tiny_data(), tmp_path)
+
+
+def test_schedules():
+    cosine = lr_factor("cosine", steps_per_epoch=10, epochs=5, warmup_epochs=1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(29) == pytest.approx(0.5, abs=0.05) and cosine(49) < 0.01
+    medmnist = lr_factor("step", 10, 100, milestones=(50, 75), gamma=0.1)
+    assert [medmnist(s) for s in (0, 499, 500, 749, 750)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    assert lr_factor("constant", 10, 5)(37) == 1.0
+
+
+def test_balanced_sampling_weights_equalise_classes():
+    labels = np.array([[0]] * 90 + [[1]] * 10)
+    w = balanced_sample_weights(labels, TaskType("binary"), 2)
+    assert w[labels[:, 0] == 1].sum() == pytest.approx(0.5)
