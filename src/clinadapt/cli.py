@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s: %(message)s",
     )
-    warnings.simplefilter("always", ChecksumWarning)
+    warnings.simplefilter("default", ChecksumWarning)  # once per file and run, not per load
     warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING: {msg}\n"
     try:
         return args.func(args)

@@ -106,3 +106,14 @@ def test_class_weight_balanced_is_passed_to_the_solver(noisy):
     method = create_method("linear", {"class_weight": "balanced"})
     method.fit(x[keep], y[keep], TaskType.BINARY, 2)
     assert method._probes[0].model.class_weight == "balanced"
+
+
+def test_fitted_parameters_count_the_probe_weights():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 7))
+    y = (np.arange(60) % 3).reshape(-1, 1)
+    linear = create_method("linear").fit(x, y, TaskType.MULTICLASS, 3)
+    assert linear.fitted_parameters() == 3 * 7 + 3
+    assert create_method("knn").fit(x, y, TaskType.MULTICLASS, 3).fitted_parameters() == 0
+    proto = create_method("prototype").fit(x, y, TaskType.MULTICLASS, 3)
+    assert proto.fitted_parameters() == 3 * 7 + 7

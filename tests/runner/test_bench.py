@@ -151,3 +151,13 @@ def test_volumes_through_2d_slices_and_native_3d_backbones(tmp_path, backbone, e
     assert rec["dataset"]["ndim"] == 3
     assert rec["preprocessing"].get("volume_mode") == extra.get("volume_mode")
     assert 0.0 <= rec["metrics"]["test"]["auc"] <= 1.0
+
+
+def test_report_plots_auc_against_trained_parameters(tmp_path):
+    grid = tiny_grid(methods=["knn", "linear", "bitfit"], shots=["all"], seeds=1)
+    grid.base["train"] = {"epochs": 1}
+    run_grid(grid, tmp_path / "runs", progress=False)
+    paths = build_report(tmp_path / "runs")
+    assert paths["auc_vs_parameters"].stat().st_size > 1000
+    md = paths["markdown"].read_text()
+    assert "trained params" in md and "| bitfit |" in md

@@ -45,3 +45,8 @@ class FrozenFeatureMethod(ABC):
     def selected(self) -> dict[str, Any]:
         """Hyper-parameters chosen during ``fit`` (e.g. on the validation split), for the record."""
         return {}
+
+    def fitted_parameters(self) -> int:
+        """How many values ``fit`` learned (0 for instance-based methods such as k-NN), so that
+        reports can set accuracy against what was trained."""
+        return 0

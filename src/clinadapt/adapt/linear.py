@@ -101,6 +101,13 @@ class LinearProbe(FrozenFeatureMethod):
         self._num_classes = 0
         self._selected: dict[str, Any] = {}
 
+    def fitted_parameters(self) -> int:
+        return sum(
+            p.model.coef_.size + p.model.intercept_.size
+            for p in self._probes
+            if p.model is not None
+        )
+
     def _fit_probes(self, x: np.ndarray, y: np.ndarray, c: float, seed: int) -> list[_Probe]:
         columns = [y] if self._task.single_label else list(y.T)
         n_out = self._num_classes if self._task.single_label else 2

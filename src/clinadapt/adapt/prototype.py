@@ -75,6 +75,9 @@ class Prototype(FrozenFeatureMethod):
         self._task = task
         return self
 
+    def fitted_parameters(self) -> int:
+        return int(self._protos.size + self._mean.size)
+
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         mean = self._mean
         q = check_query(features, None if mean is None else len(mean))

@@ -213,18 +213,6 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     )
 
 
-def fitted_parameters(method: Any) -> int:
-    """Number of values a frozen-feature method learned (0 for purely instance-based ones)."""
-    count = 0
-    for value in vars(method).values():
-        for attr in ("coef_", "intercept_"):
-            if hasattr(value, attr):
-                count += int(np.asarray(getattr(value, attr)).size)
-        if isinstance(value, list):
-            count += sum(fitted_parameters(v) for v in value if hasattr(v, "coef_"))
-    return count
-
-
 def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, Any]:
     """Sample the support set, fit the method, evaluate on test once; return the record."""
     from clinadapt.adapt import create_method
@@ -273,7 +261,7 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
             "name": cfg.method,
             "config": to_dict(method.config),
             "selected": method.selected(),
-            "fitted_parameters": fitted_parameters(method),
+            "fitted_parameters": method.fitted_parameters(),
             "trainable_backbone_parameters": 0,
         },
         "shots": {

@@ -112,6 +112,7 @@ HEADER = [
     "ACC",
     "balanced acc.",
     "protocol",
+    "trained params",
     "time (s)",
 ]
 
@@ -129,6 +130,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             _fmt(r, "acc"),
             _fmt(r, "balanced_accuracy"),
             r["protocol"],
+            f"{r['fitted_parameters']:,}",
             f"{r['time_s']:.1f}",
         ]
         for r in rows
@@ -258,6 +260,47 @@ def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Pat
     return path
 
 
+def plot_auc_vs_parameters(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """What each extra trainable parameter buys: AUC against fitted/trainable parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["fitted_parameters"] > 0 and not math.isnan(r["auc"])]
+    if len({r["method"] for r in pts}) < 2:
+        return None
+    datasets = sorted({r["dataset"] for r in pts})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for r in (r for r in pts if r["dataset"] == dataset):
+            marker = "o" if r["shots"] == "all" else "^"
+            ax.errorbar(
+                r["fitted_parameters"],
+                r["auc"],
+                yerr=r["auc_sd"],
+                fmt=marker,
+                capsize=2,
+                color="C0" if r["pretrained"] else "C1",
+            )
+            ax.annotate(
+                f"{r['method']} ({r['shots']})",
+                (r["fitted_parameters"], r["auc"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters (log)")
+        ax.set_ylabel("test AUC (mean ± sd over seeds)")
+        ax.set_title(f"{dataset}: AUC against trainable parameters", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "auc_vs_parameters.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def failures(records: list[dict[str, Any]]) -> list[str]:
     return [f"{Path(r['_path']).name}: {r['error']}" for r in records if r.get("failed")]
 
@@ -273,9 +316,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise(records)
     plots = plot_label_efficiency(rows, out)
-    control_plot = plot_pretrained_vs_control(rows, out)
-    if control_plot:
-        plots.append(control_plot)
+    for extra in (plot_pretrained_vs_control(rows, out), plot_auc_vs_parameters(rows, out)):
+        if extra:
+            plots.append(extra)
     notes = [
         "Metrics: test split, mean ± sd over seeds, [bootstrap 95% CI averaged over seeds].",
         "AUC and ACC follow the MedMNIST evaluator (macro one-vs-rest AUC; 0.5 threshold).",
