@@ -31,3 +31,12 @@ def test_read_records_skips_foreign_and_broken_files(tmp_path):
     (tmp_path / "other.json").write_text('{"hello": 1}')
     records = read_records(tmp_path)
     assert len(records) == 1 and records[0]["_path"].endswith("ok.json")
+
+
+def test_only_the_main_process_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    write_json_atomic(tmp_path / "rec.json", {"record_version": RECORD_VERSION})
+    assert not (tmp_path / "rec.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    write_json_atomic(tmp_path / "rec.json", {"record_version": RECORD_VERSION})
+    assert (tmp_path / "rec.json").exists()

@@ -23,7 +23,12 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.engine.predict import predict_proba
     from clinadapt.engine.train import TrainConfig, train
     from clinadapt.eval import bootstrap_ci, evaluate
-    from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
+    from clinadapt.runner.records import (
+        RECORD_VERSION,
+        hardware,
+        is_main_process,
+        package_versions,
+    )
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -62,8 +67,11 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         volume=slice_volumes,
     )
     adapter_dir = run_dir / "adapter"
-    save_adapter(model, method, adapter_dir)
-    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.iterdir())
+    if is_main_process():
+        save_adapter(model, method, adapter_dir)
+    else:  # the main process writes the adapter; other ranks only need its size for the record
+        adapter_dir = None
+    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.iterdir()) if adapter_dir else 0
     start = time.perf_counter()
     scores = predict_proba(
         model,

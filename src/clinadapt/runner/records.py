@@ -15,6 +15,12 @@ RECORD_VERSION = 1
 PACKAGES = ("clinadapt", "torch", "torchvision", "timm", "numpy", "scikit-learn", "safetensors")
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of ``accelerate launch`` / ``torchrun``, which must not write
+    the run's files a second time."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
@@ -54,7 +60,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temporary file and rename, so an interrupted run never leaves half a record."""
+    """Write via a temporary file and rename, so an interrupted run never leaves half a record.
+
+    Only the main process writes when several processes run one training job.
+    """
+    if not is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
