@@ -248,34 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'dino*'")
         p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("run", help="run one experiment (YAML file and/or options)")
-    p.add_argument("--config", help="YAML file of ExperimentConfig options")
-    _add_dataclass_options(p, ExperimentConfig)
-    p.add_argument("--out", help="write the JSON record here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="option overrides; method.NAME=VALUE sets a method option",
-    )
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser(
-        "train",
-        help="train a gradient-based method (lora, adapter, vpt, bitfit, full) into RUN_DIR",
-    )
-    p.add_argument("--config", help="YAML file of ExperimentConfig options")
-    _add_dataclass_options(p, ExperimentConfig)
-    p.add_argument("--out", required=True, help="run folder: record, checkpoints, adapter")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="overrides; method.NAME=VALUE sets a method option, train.NAME=VALUE a training one",
-    )
-    p.set_defaults(func=cmd_run)
+    for name, out_help, help_text in (
+        ("run", "write the JSON record here", "run one experiment (YAML file and/or options)"),
+        (
+            "train",
+            "run folder: record, checkpoints, adapter",
+            "train a gradient-based method (lora, adapter, vpt, bitfit, full) into RUN_DIR",
+        ),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="YAML file of ExperimentConfig options")
+        _add_dataclass_options(p, ExperimentConfig)
+        p.add_argument("--out", required=name == "train", help=out_help)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="overrides; method.NAME=VALUE sets a method option, train.NAME=VALUE training",
+        )
+        p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="run a grid of experiments (resumable) and build a report")
     p.add_argument("--config", help="YAML file of GridConfig options")

@@ -71,8 +71,9 @@ def test_pad_refuses_larger_images():
 def test_invalid_options():
     with pytest.raises(ConfigError, match="Did you mean 'nearest'"):
         Preprocess(224, resize="neareset", **IDENTITY)
-    with pytest.raises(ConfigError, match="3 values"):
-        Preprocess(224, mean=(0.5,), std=(0.5,))
+    with pytest.raises(ConfigError, match="1 or 3 values"):
+        Preprocess(224, mean=(0.5, 0.5), std=(0.5, 0.5))
+    assert Preprocess(224, mean=(0.5,), std=0.5).mean == (0.5, 0.5, 0.5)  # one value broadcasts
     with pytest.raises(ConfigError, match="positive"):
         Preprocess(224, mean=(0, 0, 0), std=(1, 0, 1))
 

@@ -22,6 +22,37 @@ RESIZE_MODES = ("nearest", "bilinear", "pad")
 VOLUME_RESIZE_MODES = ("nearest", "trilinear", "pad")
 
 
+def check_options(pre: Any, modes: tuple[str, ...], what: str) -> None:
+    """Validate a preprocessing dataclass; mean/std become per-channel tuples (one value is
+    broadcast), so the frozen object stays hashable."""
+    if pre.resize not in modes:
+        raise ConfigError(
+            f"resize={pre.resize!r} is not one of {list(modes)}{what}."
+            f"{did_you_mean(str(pre.resize), list(modes))}"
+        )
+    if pre.channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {pre.channels}")
+    if pre.input_size < 1:
+        raise ConfigError(f"input_size must be positive, got {pre.input_size}")
+    for key in ("mean", "std"):
+        try:
+            values = tuple(float(v) for v in np.atleast_1d(np.asarray(getattr(pre, key))))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{key} must be a number or numbers, got {getattr(pre, key)!r}"
+            ) from None
+        if len(values) == 1:
+            values = values * pre.channels
+        if len(values) != pre.channels:
+            raise ConfigError(
+                f"{key} needs 1 or {pre.channels} values for channels={pre.channels}, got "
+                f"{list(values)}"
+            )
+        object.__setattr__(pre, key, values)
+    if min(pre.std) <= 0:
+        raise ConfigError(f"std values must be positive, got {list(pre.std)}")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """``Preprocess(224, mean, std, "pad")(batch)`` -> float32 tensor (B, channels, S, S).
@@ -41,22 +72,7 @@ class Preprocess:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(
-                f"resize={self.resize!r} is not one of {list(RESIZE_MODES)}."
-                f"{did_you_mean(str(self.resize), list(RESIZE_MODES))}"
-            )
-        if self.channels not in (1, 3):
-            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
-        if self.input_size < 1:
-            raise ConfigError(f"input_size must be positive, got {self.input_size}")
-        for key in ("mean", "std"):
-            values = tuple(float(v) for v in getattr(self, key))
-            if len(values) != self.channels:
-                raise ConfigError(f"{key} needs {self.channels} values, got {list(values)}")
-            object.__setattr__(self, key, values)  # lists become tuples: hashable, frozen
-        if min(self.std) <= 0:
-            raise ConfigError(f"std values must be positive, got {list(self.std)}")
+        check_options(self, RESIZE_MODES, "")
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = batch if isinstance(batch, torch.Tensor) else torch.tensor(np.asarray(batch))
@@ -136,32 +152,7 @@ class VolumePreprocess:
     channels: int = 1
 
     def __post_init__(self) -> None:
-        if self.resize not in VOLUME_RESIZE_MODES:
-            raise ConfigError(
-                f"resize={self.resize!r} is not one of {list(VOLUME_RESIZE_MODES)} for volumes."
-                f"{did_you_mean(str(self.resize), list(VOLUME_RESIZE_MODES))}"
-            )
-        if self.channels not in (1, 3):
-            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
-        if self.input_size < 1:
-            raise ConfigError(f"input_size must be positive, got {self.input_size}")
-        for key in ("mean", "std"):
-            try:
-                values = tuple(float(v) for v in np.atleast_1d(np.asarray(getattr(self, key))))
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"{key} must be a number or numbers, got {getattr(self, key)!r}"
-                ) from None
-            if len(values) == 1:
-                values = values * self.channels
-            if len(values) != self.channels:
-                raise ConfigError(
-                    f"{key} needs 1 or {self.channels} values for channels={self.channels}, got "
-                    f"{list(values)}"
-                )
-            object.__setattr__(self, key, values)  # always a per-channel tuple: hashable
-        if min(self.std) <= 0:
-            raise ConfigError(f"std values must be positive, got {list(self.std)}")
+        check_options(self, VOLUME_RESIZE_MODES, " for volumes")
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         where = "volumes given to VolumePreprocess"

@@ -213,17 +213,12 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     )
 
 
-def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, Any]:
-    """Sample the support set, fit the method, evaluate on test once; return the record."""
-    from clinadapt.adapt import create_method
+def sample_support(cfg: ExperimentConfig, info: DatasetInfo, labels: np.ndarray) -> tuple:
+    """The seeded few-shot support set, from the training split only."""
     from clinadapt.data import few_shot_indices
-    from clinadapt.eval import bootstrap_ci, evaluate
-    from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
 
-    info = bundle.info
-    train_x, train_y = bundle.features["train"], bundle.labels["train"]
-    support, actual_shots = few_shot_indices(
-        train_y,
+    return few_shot_indices(
+        labels,
         info.task,
         info.num_classes,
         cfg.shots_value(),
@@ -231,6 +226,33 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
         allow_fewer=cfg.allow_fewer_shots,
         class_names=list(info.labels),
     )
+
+
+def dataset_summary(
+    info: DatasetInfo, split_sizes: dict[str, int], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``dataset`` block of a run record."""
+    return {
+        "name": info.name,
+        "task": info.task.value,
+        "num_classes": info.num_classes,
+        "labels": list(info.labels),
+        "ndim": info.ndim,
+        "channels": info.channels,
+        "split_sizes": split_sizes,
+        "provenance": provenance,
+    }
+
+
+def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, Any]:
+    """Sample the support set, fit the method, evaluate on test once; return the record."""
+    from clinadapt.adapt import create_method
+    from clinadapt.eval import bootstrap_ci, evaluate
+    from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
+
+    info = bundle.info
+    train_x, train_y = bundle.features["train"], bundle.labels["train"]
+    support, actual_shots = sample_support(cfg, info, train_y)
     method = create_method(cfg.method, cfg.method_options)
     val = (bundle.features["val"], bundle.labels["val"]) if "val" in bundle.features else None
     start = time.perf_counter()
@@ -246,15 +268,9 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     record: dict[str, Any] = {
         "record_version": RECORD_VERSION,
         "config": to_dict(cfg),
-        "dataset": {
-            "name": info.name,
-            "task": info.task.value,
-            "num_classes": info.num_classes,
-            "labels": list(info.labels),
-            "ndim": info.ndim,
-            "split_sizes": {k: len(v) for k, v in bundle.labels.items()},
-            "provenance": bundle.provenance,
-        },
+        "dataset": dataset_summary(
+            info, {k: len(v) for k, v in bundle.labels.items()}, bundle.provenance
+        ),
         "backbone": bundle.backbone,
         "preprocessing": bundle.preprocessing,
         "method": {

@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 
 from clinadapt.config import from_dict, to_dict
-from clinadapt.runner.experiment import ExperimentConfig, make_preprocess, peak_memory_mb
+from clinadapt.runner.experiment import (
+    ExperimentConfig,
+    dataset_summary,
+    make_preprocess,
+    peak_memory_mb,
+    sample_support,
+)
 
 
 def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -18,7 +24,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.adapt.checkpoint import save_adapter
     from clinadapt.adapt.finetune import AdaptedModel
     from clinadapt.backbones import create_backbone
-    from clinadapt.data import few_shot_indices, load_dataset
+    from clinadapt.data import load_dataset
     from clinadapt.data.dataset import Subset
     from clinadapt.engine.predict import predict_proba
     from clinadapt.engine.train import TrainConfig, train
@@ -41,15 +47,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     slice_volumes = info.ndim == 3 and preprocess.describe().get("ndim") != 3
     train_cfg = from_dict(TrainConfig, {"seed": cfg.seed, **cfg.train}, where="train options")
 
-    support, actual_shots = few_shot_indices(
-        dataset["train"].labels,
-        info.task,
-        info.num_classes,
-        cfg.shots_value(),
-        cfg.seed,
-        allow_fewer=cfg.allow_fewer_shots,
-        class_names=list(info.labels),
-    )
+    support, actual_shots = sample_support(cfg, info, dataset["train"].labels)
     method = create_method(cfg.method, cfg.method_options)
     model = method.apply(AdaptedModel(backbone, info.num_classes))
     train_split, val_split, test_split = dataset["train"], dataset["val"], dataset["test"]
@@ -95,16 +93,9 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     return {
         "record_version": RECORD_VERSION,
         "config": to_dict(cfg),
-        "dataset": {
-            "name": info.name,
-            "task": info.task.value,
-            "num_classes": info.num_classes,
-            "labels": list(info.labels),
-            "ndim": info.ndim,
-            "channels": info.channels,
-            "split_sizes": {k: len(v) for k, v in dataset.splits.items()},
-            "provenance": dict(dataset.provenance),
-        },
+        "dataset": dataset_summary(
+            info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
+        ),
         "backbone": {
             "name": backbone.name,
             "weights": cfg.weights,
