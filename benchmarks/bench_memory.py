@@ -1,6 +1,7 @@
 """Peak memory of streaming feature extraction does not grow with the dataset.
 
-Extracts features for N synthetic 28 px images read from a uint8 memmap, for N = 5k and 20k,
+Extracts features for N synthetic images (64 px by default, so that the 20k memmap is 80 MB
+and loading it whole would show) read from a uint8 memmap, for N = 5k and 20k,
 each in a fresh subprocess so ``ru_maxrss`` (the peak resident set) belongs to that size
 alone. Target: peak(20k) / peak(5k) close to 1. The (N, D) float32 output is allocated up
 front and is reported separately (it is small and is the result itself).
@@ -18,8 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-EDGE = 28
 
 
 def rss_mb() -> float:
@@ -52,8 +51,14 @@ def worker(args: argparse.Namespace) -> dict:
         with path.open("wb") as fh:  # written in chunks, never mapped or held whole here
             for start in range(0, args.worker, 4096):
                 count = min(4096, args.worker - start)
-                fh.write(rng.integers(0, 256, size=(count, EDGE, EDGE), dtype=np.uint8).tobytes())
-        images = np.memmap(path, dtype=np.uint8, mode="r", shape=(args.worker, EDGE, EDGE))
+                fh.write(
+                    rng.integers(
+                        0, 256, size=(count, args.edge, args.edge), dtype=np.uint8
+                    ).tobytes()
+                )
+        images = np.memmap(
+            path, dtype=np.uint8, mode="r", shape=(args.worker, args.edge, args.edge)
+        )
         backbone = create_backbone(args.backbone, args.weights)
         cfg = backbone.pretrained_cfg
         preprocess = Preprocess(args.input_size or cfg.input_size, cfg.mean, cfg.std, "nearest")
@@ -86,6 +91,7 @@ def worker(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="5000,20000")
+    parser.add_argument("--edge", type=int, default=64, help="synthetic image edge in pixels")
     parser.add_argument("--backbone", default="test_cnn")
     parser.add_argument("--weights", default="none")
     parser.add_argument("--input-size", type=int, default=None, help="default: backbone's")
@@ -103,7 +109,8 @@ def main() -> None:
     passed = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
-        if k in ("backbone", "weights", "input_size", "batch_size", "precision") and v is not None
+        if k in ("edge", "backbone", "weights", "input_size", "batch_size", "precision")
+        and v is not None
     ]
     runs = []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -118,6 +125,7 @@ def main() -> None:
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     small, large = runs[0], runs[-1]
     result = {
+        "image_edge": args.edge,
         "backbone": args.backbone,
         "weights": args.weights,
         "batch_size": args.batch_size,

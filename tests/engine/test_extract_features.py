@@ -143,3 +143,15 @@ def test_empty_source_and_bad_options(backbone, preprocess):
         extract_features(backbone, IMAGES, preprocess, batch_size=0)
     with pytest.raises(ConfigError, match="volume_mode"):
         extract_features(backbone, IMAGES, preprocess, volume_mode="oblique", progress=False)
+
+
+def test_release_mapped_pages_keeps_memmaps_readable(tmp_path):
+    from clinadapt.engine.features import release_mapped_pages
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(4096 * 4, dtype=np.uint8).reshape(4, 4096))
+    images = np.load(path, mmap_mode="r")
+    before = np.array(images)
+    release_mapped_pages(images)
+    np.testing.assert_array_equal(images, before)
+    release_mapped_pages(before)  # a plain array: nothing to release

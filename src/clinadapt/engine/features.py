@@ -7,6 +7,7 @@ as grayscale slices along one or all three orthogonal planes and are mean-pooled
 from __future__ import annotations
 
 import contextlib
+import mmap
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -146,8 +147,21 @@ def extract_features(
             if batch.shape[0] != len(index):
                 raise DataError(f"source returned {batch.shape[0]} items for {len(index)} indices")
             out[index] = embed.volumes(batch, volume_mode, max_slices) if volumes else embed(batch)
+            release_mapped_pages(images)
             bar.update(len(index))
     return out
+
+
+def release_mapped_pages(images: Any) -> None:
+    """Drop the pages of a memory-mapped source that this process has read.
+
+    Pages of a memmap that were read stay mapped and count as this process's memory until the
+    kernel needs them back, so memory would grow with the dataset. The file stays in the page
+    cache, so reading a page again costs no disk access.
+    """
+    mapping = getattr(images, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @contextlib.contextmanager
