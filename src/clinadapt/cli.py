@@ -99,7 +99,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from clinadapt.config import from_dict, load_yaml
     from clinadapt.runner.experiment import ExperimentConfig, run_experiment
-    from clinadapt.runner.records import write_json_atomic
+    from clinadapt.runner.records import is_main_process, write_json_atomic
 
     options = load_yaml(args.config) if args.config else {}
     options.update(_collect(args, ExperimentConfig))
@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bounds = ci.get(metric)
         extra = f"  95% CI [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
         print(f"  {metric:18s} {test[metric]:.4f}{extra}")
-    if out:
+    if out and is_main_process():
         print(f"record written to {out}")
     return 0
 

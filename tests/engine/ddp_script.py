@@ -66,7 +66,7 @@ def main(out: Path) -> None:
         task="binary",
         num_classes=2,
         preprocess=PREPROCESS,
-        config=TrainConfig(epochs=2, batch_size=8, lr=0.05, precision="fp32", device="cpu"),
+        config=TrainConfig(epochs=2, batch_size=8, lr=0.05, precision="fp32"),  # device auto
         out_dir=out,
         progress=False,
     )

@@ -277,6 +277,12 @@ def _precision(precision: str, device: torch.device) -> str:
     return resolve_precision(precision, device)
 
 
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    )
+
+
 @contextlib.contextmanager
 def _accelerator(config: TrainConfig, precision: str) -> Iterator[Accelerator]:
     """An Accelerator for this run; its process-wide state is reset afterwards so the next
@@ -287,7 +293,9 @@ def _accelerator(config: TrainConfig, precision: str) -> Iterator[Accelerator]:
     accelerator = Accelerator(
         mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=config.grad_accumulation,
-        cpu=config.device == "cpu",
+        # without an accelerator, "auto" must say cpu: accelerate only sets up multi-process
+        # CPU training (torchrun / accelerate launch) when asked for the CPU explicitly
+        cpu=config.device == "cpu" or not _has_accelerator(),
     )
     try:
         yield accelerator
