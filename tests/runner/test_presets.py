@@ -1,6 +1,14 @@
 import json
 
-from clinadapt.runner.presets import find_local_weights, quickstart
+import pytest
+
+from clinadapt.errors import ClinadaptError
+from clinadapt.runner.presets import (
+    MEDMNIST_V2_PUBLISHED,
+    find_local_weights,
+    medmnist_v2,
+    quickstart,
+)
 
 
 def test_quickstart_falls_back_with_notices_when_offline(tmp_path, monkeypatch):
@@ -30,3 +38,24 @@ def test_quickstart_uses_local_weights_beside_the_control(tmp_path, monkeypatch)
 
 def _offline(*args, **kwargs):
     raise OSError("network is unreachable")
+
+
+def test_medmnist_v2_preset_follows_the_paper_recipe():
+    presets = medmnist_v2(data_root="/data")
+    assert {p.grid.datasets[0] for p in presets} == {d for d, _ in MEDMNIST_V2_PUBLISHED}
+    adrenal = next(p for p in presets if p.grid.datasets == ["adrenalmnist3d"])
+    assert sorted(adrenal.grid.backbones) == ["resnet18_2_5d", "resnet18_3d"]
+    train = presets[0].grid.base["train"]
+    assert (train["epochs"], train["batch_size"], train["optimizer"], train["lr"]) == (
+        100,
+        128,
+        "adam",
+        0.001,
+    )
+    assert (train["schedule"], train["milestones"], train["gamma"]) == ("step", [50, 75], 0.1)
+    assert presets[0].grid.weights == ["none"] and presets[0].grid.methods == ["full"]
+    assert not presets[0].notices
+    short = medmnist_v2(datasets=["breastmnist"], epochs=3)
+    assert short[0].grid.base["train"]["epochs"] == 3 and "not a faithful" in short[0].notices[0]
+    with pytest.raises(ClinadaptError, match="no published baseline"):
+        medmnist_v2(datasets=["pathmnist"])
