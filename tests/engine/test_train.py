@@ -247,3 +247,27 @@ def test_balanced_sampling_weights_equalise_classes():
     labels = np.array([[0]] * 90 + [[1]] * 10)
     w = balanced_sample_weights(labels, TaskType("binary"), 2)
     assert w[labels[:, 0] == 1].sum() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "mode", "frozen"),
+    [
+        (True, "auto", True),
+        (False, "auto", False),
+        (False, "frozen", True),
+        (True, "update", False),
+    ],
+)
+def test_norm_statistics_of_fully_trained_models(tmp_path, pretrained, mode, frozen):
+    from clinadapt.adapt import create_method
+
+    model = create_method("full").apply(adapted_cnn())
+    model.backbone.is_pretrained = pretrained
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("conv1.weight")}
+    run(model, tiny_data(n_train=32), tmp_path, lr=0.05, norm_statistics=mode)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items()) is frozen
+    assert not any(torch.equal(after[k], v) for k, v in weights.items())  # the weights train
+    with pytest.raises(ConfigError, match="norm_statistics"):
+        run(adapted_cnn(), tiny_data(), tmp_path / "x", norm_statistics="fixed")

@@ -138,3 +138,8 @@ def test_bench_runs_finetune_methods_beside_frozen_ones(tmp_path):
     kinds = {json.loads(p.read_text())["method"].get("kind", "frozen") for p in records}
     assert kinds == {"frozen", "finetune"}
     assert run_grid(grid, tmp_path, progress=False)["skipped"] == 2
+
+
+def test_training_record_total_time_covers_training(lora_run):
+    rec = json.loads((lora_run / "record.json").read_text())
+    assert rec["timings"]["total_s"] >= rec["timings"]["train_s"] > 0

@@ -70,6 +70,20 @@ def keep_frozen_norms_in_eval(model: nn.Module) -> None:
             module.eval()
 
 
+def freezes_norm_statistics(model: nn.Module, mode: str) -> bool:
+    """Whether batch-norm statistics stay fixed while training.
+
+    A pretrained backbone's statistics describe its pretraining data; re-estimating them from
+    small medical batches (or, for converted weights whose batch norm was folded into the
+    convolutions, from any batch) changes the features the method set out to adapt.
+    """
+    if mode not in ("auto", "update", "frozen"):
+        raise ConfigError(f"norm_statistics must be auto, update or frozen, got {mode!r}")
+    if mode == "auto":
+        return bool(getattr(getattr(model, "backbone", None), "is_pretrained", False))
+    return mode == "frozen"
+
+
 class Loop:
     """Trains ``model`` in place; see ``train`` for the contract."""
 
@@ -96,6 +110,7 @@ class Loop:
         self.resolved, self.out_dir = resolved, out_dir
         self.progress = progress and accelerator.is_main_process
         set_seed(config.seed, device_specific=True)
+        self.freeze_norm_statistics = freezes_norm_statistics(model, config.norm_statistics)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ConfigError(
@@ -214,6 +229,10 @@ class Loop:
         acc, config = self.acc, self.config
         self.net.train()
         keep_frozen_norms_in_eval(self.model)
+        if self.freeze_norm_statistics:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._NormBase):
+                    module.eval()
         lr = self.optimizer.param_groups[0]["lr"]  # the epoch's first step's learning rate
         total = torch.zeros(2, dtype=torch.float64)
         bar = tqdm(

@@ -95,6 +95,13 @@ class TrainConfig:
         metadata=_help("none | weights (class-weighted loss) | sampler (class-balanced sampling)"),
     )
     label_smoothing: float = field(default=0.0, metadata=_help("label smoothing in [0, 1)"))
+    norm_statistics: str = field(
+        default="auto",
+        metadata=_help(
+            "batch-norm running statistics while training: update | frozen (eval mode; scale and "
+            "shift still train) | auto (frozen for pretrained backbones, update from scratch)"
+        ),
+    )
     precision: str = field(
         default="auto",
         metadata=_help("auto (bf16 where native) | bf16 | fp16 (CUDA, with a GradScaler) | fp32"),

@@ -134,6 +134,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
             **timings,
             "time_per_epoch_s": result.time_per_epoch_s,
             "train_s": result.total_s,
+            "total_s": sum(timings.values()) + result.total_s,
         },
         "peak_memory_mb": max(result.peak_memory_mb, peak_memory_mb()),
         "packages": package_versions(),
