@@ -66,7 +66,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["protocol"] = f"{pre.get('resize')} {pre.get('source_size')}->{pre.get('input_size')}"
         if pre.get("volume_mode"):
             row["protocol"] += f", {pre['volume_mode']} slices ({pre.get('max_slices') or 'all'})"
-        row["time_s"] = float(np.mean([r["timings"].get("total_s", 0.0) for r in recs]))
+        row["time_s"] = float(np.mean([_total_seconds(r["timings"]) for r in recs]))
         row["fitted_parameters"] = recs[0]["method"]["fitted_parameters"]
         rows.append(row)
     rows.sort(
@@ -80,6 +80,13 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     )
     return rows
+
+
+def _total_seconds(timings: dict[str, float]) -> float:
+    """A run's wall time; older records without ``total_s`` add up their parts."""
+    if "total_s" in timings:
+        return timings["total_s"]
+    return sum(v for k, v in timings.items() if k.endswith("_s") and k != "time_per_epoch_s")
 
 
 def _fmt(row: dict[str, Any], metric: str) -> str:
