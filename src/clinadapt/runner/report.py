@@ -309,7 +309,9 @@ def plot_auc_vs_parameters(rows: list[dict[str, Any]], out_dir: Path) -> Path | 
 
 
 def failures(records: list[dict[str, Any]]) -> list[str]:
-    return [f"{Path(r['_path']).name}: {r['error']}" for r in records if r.get("failed")]
+    return [
+        f"{'/'.join(Path(r['_path']).parts[-2:])}: {r['error']}" for r in records if r.get("failed")
+    ]
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
