@@ -143,3 +143,40 @@ def test_bench_runs_finetune_methods_beside_frozen_ones(tmp_path):
 def test_training_record_total_time_covers_training(lora_run):
     rec = json.loads((lora_run / "record.json").read_text())
     assert rec["timings"]["total_s"] >= rec["timings"]["train_s"] > 0
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet3d", "test_cnn"])
+def test_volume_run_predicts_nifti_and_npz(tmp_path, backbone):
+    nib = pytest.importorskip("nibabel")
+    run_dir = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "synthetic-3d",
+            "--backbone",
+            backbone,
+            "--weights",
+            "none",
+            "--method",
+            "full",
+            "--shots",
+            "5",
+            "--out",
+            str(run_dir),
+            *TRAIN,
+        ]
+    )
+    assert code == 0
+    rng = np.random.default_rng(0)
+    volume = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(size=(20, 24, 22)).astype(np.float32), np.eye(4)), volume)
+    npz = tmp_path / "vols.npz"
+    np.savez(npz, images=rng.integers(0, 255, (2, 28, 28, 28), dtype=np.uint8))
+    out = predict_files(run_dir, [str(volume), str(npz)], tmp_path / "p.csv", progress=False)
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["source"] == str(volume) and len(rows) == 3
+    image = tmp_path / "slice.png"
+    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(image)
+    with pytest.raises(ClinadaptError, match="trained on volumes"):
+        predict_files(run_dir, [str(image)], tmp_path / "q.csv", progress=False)

@@ -206,8 +206,9 @@ def train(
     runs after each epoch's checkpoint is written.
     """
     task = TaskType(task)
-    train_split = _checked(train, task, num_classes, "train", volume)
-    val_split = _checked(val, task, num_classes, "val", volume) if val is not None else None
+    native = _volume_native(preprocess)
+    train_split = _checked(train, task, num_classes, "train", volume, native)
+    val_split = _checked(val, task, num_classes, "val", volume, native) if val is not None else None
     device = torch.device("cpu") if config.device == "cpu" else resolve_device()
     precision = _precision(config.precision, device)
     augment = resolve_augment(
@@ -249,8 +250,19 @@ def train(
         return loop.run(resume=resume, on_epoch_end=on_epoch_end)
 
 
+def _volume_native(preprocess: Any) -> bool:
+    """Whether ``preprocess`` feeds whole volumes to a volume-native network (no slicing)."""
+    describe = getattr(preprocess, "describe", None)
+    return callable(describe) and describe().get("ndim") == 3
+
+
 def _checked(
-    split: tuple[Any, np.ndarray], task: TaskType, num_classes: int, name: str, volume: bool
+    split: tuple[Any, np.ndarray],
+    task: TaskType,
+    num_classes: int,
+    name: str,
+    volume: bool,
+    native: bool = False,
 ) -> tuple[Any, np.ndarray]:
     images, labels = split
     labels = check_labels(labels, task, num_classes, f"{name} labels")
@@ -261,7 +273,7 @@ def _checked(
     shape = np.asarray(images[0]).shape
     if volume and len(shape) != 3:
         raise DataError(f"{name}: volumes must be (N, D, H, W), got items of shape {shape}")
-    if not volume and len(shape) == 3 and shape[-1] not in (1, 3):
+    if not volume and not native and len(shape) == 3 and shape[-1] not in (1, 3):
         raise DataError(f"{name}: items of shape {shape} look like volumes; pass volume=True")
     return images, labels
 
