@@ -42,9 +42,8 @@ def _collect(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str,
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        out[f.name] = value if isinstance(value, bool) else yaml.safe_load(value)
-        if isinstance(out[f.name], int | float) and f.type in ("str", "str | None"):
-            out[f.name] = value
+        as_typed = f.type in ("str", "str | None") or isinstance(value, bool)  # text or a flag
+        out[f.name] = value if as_typed else yaml.safe_load(value)
     return out
 
 

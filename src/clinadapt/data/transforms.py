@@ -211,3 +211,9 @@ class VolumePreprocess:
             "channels": self.channels,
             "ndim": 3,
         }
+
+
+def slices_volumes(ndim: int, preprocess: Any) -> bool:
+    """Whether volumes go through a 2D network slice by slice; volume-native networks (fed by
+    ``VolumePreprocess``) take them whole."""
+    return ndim == 3 and not isinstance(preprocess, VolumePreprocess)

@@ -25,6 +25,7 @@ from torch import nn
 from clinadapt.config import to_dict
 from clinadapt.data.checks import check_labels
 from clinadapt.data.info import TaskType
+from clinadapt.data.transforms import VolumePreprocess
 from clinadapt.engine.augment import AUGMENTS, resolve_augment
 from clinadapt.engine.batches import is_grayscale
 from clinadapt.engine.features import resolve_device, resolve_precision
@@ -206,7 +207,7 @@ def train(
     runs after each epoch's checkpoint is written.
     """
     task = TaskType(task)
-    native = _volume_native(preprocess)
+    native = isinstance(preprocess, VolumePreprocess)  # whole volumes, not slices
     train_split = _checked(train, task, num_classes, "train", volume, native)
     val_split = _checked(val, task, num_classes, "val", volume, native) if val is not None else None
     device = torch.device("cpu") if config.device == "cpu" else resolve_device()
@@ -248,12 +249,6 @@ def train(
             progress=progress,
         )
         return loop.run(resume=resume, on_epoch_end=on_epoch_end)
-
-
-def _volume_native(preprocess: Any) -> bool:
-    """Whether ``preprocess`` feeds whole volumes to a volume-native network (no slicing)."""
-    describe = getattr(preprocess, "describe", None)
-    return callable(describe) and describe().get("ndim") == 3
 
 
 def _checked(

@@ -153,44 +153,44 @@ def run_grid(
     for cfg in bar:
         bar.set_postfix_str(f"{cfg.dataset}/{cfg.backbone}/{cfg.method}/{cfg.shots}/s{cfg.seed}")
         path = record_path(out, cfg)
-        if method_kind(cfg.method) == "finetune":
-            try:
-                cfg.resume = path.with_suffix("").joinpath("checkpoint").exists()
-                record = run_experiment(cfg, run_dir=path.with_suffix(""), progress=progress)
-                counts["done"] += 1
-            except ClinadaptError as err:
-                log.warning("run %s failed: %s", path.relative_to(out), err)
-                record = _failure_record(cfg, err)
-                counts["failed"] += 1
-            write_json_atomic(path, record)
-            if on_record is not None:
-                on_record(record)
-            continue
-        key = _feature_key(cfg)
-        if key not in bundles:
-            bundles.clear()  # keep one feature set in memory at a time
-            try:
-                bundles[key] = prepare_features(cfg, progress=progress)
-            except ClinadaptError as err:
-                bundles[key] = err
-        start = time.perf_counter()
         try:
-            bundle = bundles[key]
-            if isinstance(bundle, ClinadaptError):
-                raise bundle
-            record = run_on_features(cfg, bundle)
-            record["timings"]["total_s"] = (
-                time.perf_counter() - start + sum(bundle.timings.values())
-            )
+            record = _run_one(cfg, path, bundles, progress)
             counts["done"] += 1
         except ClinadaptError as err:
-            log.warning("run %s failed: %s", record_path(out, cfg).relative_to(out), err)
+            log.warning("run %s failed: %s", path.relative_to(out), err)
             record = _failure_record(cfg, err)
             counts["failed"] += 1
-        write_json_atomic(record_path(out, cfg), record)
+        write_json_atomic(path, record)
         if on_record is not None:
             on_record(record)
     return counts
+
+
+def _run_one(
+    cfg: ExperimentConfig,
+    path: Path,
+    bundles: dict[tuple, FeatureBundle | ClinadaptError],
+    progress: bool,
+) -> dict[str, Any]:
+    """One run of the grid; frozen-feature runs share the features held in ``bundles``."""
+    if method_kind(cfg.method) == "finetune":
+        run_dir = path.with_suffix("")
+        cfg.resume = (run_dir / "checkpoint").exists()
+        return run_experiment(cfg, run_dir=run_dir, progress=progress)
+    key = _feature_key(cfg)
+    if key not in bundles:
+        bundles.clear()  # keep one feature set in memory at a time
+        try:
+            bundles[key] = prepare_features(cfg, progress=progress)
+        except ClinadaptError as err:  # every run sharing these features fails the same way
+            bundles[key] = err
+    bundle = bundles[key]
+    if isinstance(bundle, ClinadaptError):
+        raise bundle
+    start = time.perf_counter()
+    record = run_on_features(cfg, bundle)
+    record["timings"]["total_s"] = time.perf_counter() - start + sum(bundle.timings.values())
+    return record
 
 
 def _failure_record(cfg: ExperimentConfig, err: Exception) -> dict[str, Any]:

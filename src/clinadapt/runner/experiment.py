@@ -139,6 +139,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     """Load data and backbone, then extract (or read cached) features for every split."""
     from clinadapt.backbones import create_backbone
     from clinadapt.data import load_dataset
+    from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine import FeatureCache, extract_features, resolve_precision
 
     timings: dict[str, float] = {}
@@ -151,7 +152,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     timings["load_backbone_s"] = time.perf_counter() - start
     pcfg = backbone.pretrained_cfg
     preprocess = make_preprocess(backbone, cfg)
-    native_3d = preprocess.describe().get("ndim") == 3
+    slices = slices_volumes(dataset.info.ndim, preprocess)
     precision = resolve_precision(cfg.precision)
     cache = FeatureCache(Path(cfg.cache_dir)) if cfg.cache_dir else FeatureCache()
     features, labels, hits = {}, {}, {}
@@ -166,8 +167,8 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
             "weights_id": backbone.weights_id,
             "preprocess": preprocess.describe(),
             "precision": precision,
-            "volume_mode": cfg.volume_mode if dataset.info.ndim == 3 else None,
-            "max_slices": cfg.max_slices if dataset.info.ndim == 3 else None,
+            "volume_mode": cfg.volume_mode if slices else None,
+            "max_slices": cfg.max_slices if slices else None,
         }
         start = time.perf_counter()
         features[split_name], hits[split_name] = cache.get_or_compute(
@@ -180,7 +181,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
                 precision=precision,
                 volume_mode=cfg.volume_mode,
                 max_slices=cfg.max_slices,
-                is_volume=dataset.info.ndim == 3 and not native_3d,
+                is_volume=slices,
                 progress=progress,
                 desc=f"{dataset.info.name}/{split_name} {backbone.name}",
             ),
@@ -190,7 +191,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     protocol = preprocess.describe()
     protocol["source_size"] = dataset.size
     protocol["note"] = PROTOCOL_NOTES.get(cfg.resize, "")
-    if dataset.info.ndim == 3 and not native_3d:
+    if slices:
         protocol["volume_mode"] = cfg.volume_mode
         protocol["max_slices"] = cfg.max_slices
     return FeatureBundle(

@@ -54,15 +54,12 @@ def export_run(
 
 def _local_kwargs(record: dict[str, Any]) -> dict[str, Any]:
     """Extra timm kwargs that local weights needed (e.g. pad_type='same'), from their config."""
+    from clinadapt.backbones.weights import resolve_local_weights
+
     weights = record["config"]["weights"]
-    config = (
-        Path(weights) / "config.json"
-        if Path(weights).is_dir()
-        else Path(weights).with_name("config.json")
-    )
-    if weights in ("pretrained", "none") or not config.exists():
+    if weights in ("pretrained", "none"):
         return {}
-    kwargs = json.loads(config.read_text()).get("create_model_kwargs", {})
+    kwargs = resolve_local_weights(Path(weights)).create_kwargs
     return {k: v for k, v in kwargs.items() if k != "num_classes"}
 
 

@@ -26,6 +26,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.backbones import create_backbone
     from clinadapt.data import load_dataset
     from clinadapt.data.dataset import Subset
+    from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine.predict import predict_proba
     from clinadapt.engine.train import TrainConfig, train
     from clinadapt.eval import bootstrap_ci, evaluate
@@ -43,8 +44,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     timings["load_data_s"] = time.perf_counter() - start
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     preprocess = make_preprocess(backbone, cfg)
-    # volumes through a 2D backbone are trained slice-wise; volume-native nets take them whole
-    slice_volumes = info.ndim == 3 and preprocess.describe().get("ndim") != 3
+    slice_volumes = slices_volumes(info.ndim, preprocess)
     train_cfg = from_dict(TrainConfig, {"seed": cfg.seed, **cfg.train}, where="train options")
 
     support, actual_shots = sample_support(cfg, info, dataset["train"].labels)

@@ -107,11 +107,12 @@ def predict_files(
     from tqdm.auto import tqdm
 
     from clinadapt.data.info import TaskType
+    from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine.predict import predict_proba
 
     record, model, _, preprocess = load_run(run_dir)
     task = TaskType(record["dataset"]["task"])
-    slice_volumes = record["dataset"]["ndim"] == 3 and preprocess.describe().get("ndim") != 3
+    slice_volumes = slices_volumes(record["dataset"]["ndim"], preprocess)
     labels = record["dataset"]["labels"]
     multilabel = record["dataset"]["task"] == "multi-label"
     size = record["preprocessing"].get("source_size") or preprocess.input_size
