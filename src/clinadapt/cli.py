@@ -14,7 +14,7 @@ from typing import Any
 from clinadapt.errors import ChecksumWarning, ClinadaptError
 
 GRID_AXES = ("dataset", "backbone", "weights", "method", "shots", "seed")
-NESTED = ("method_options", "train")  # set with method.NAME=VALUE and train.NAME=VALUE
+NESTED = ("method_options", "train", "view_options")  # method.K=V, train.K=V, views.K=V
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple = ()) -> None:
@@ -58,6 +58,8 @@ def _split_overrides(items: list[str]) -> dict[str, Any]:
             out.setdefault("method_options", {})[key.removeprefix("method.")] = value
         elif key.startswith("train."):
             out.setdefault("train", {})[key.removeprefix("train.")] = value
+        elif key.startswith("views."):
+            out.setdefault("view_options", {})[key.removeprefix("views.")] = value
         else:
             out[key] = value
     return out
@@ -84,14 +86,22 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("Any timm model also works as timm:<name>.")
     else:
         from clinadapt.adapt import METHODS
+        from clinadapt.ssl import SSL_METHODS
 
-        for name in METHODS.names(args.pattern):
-            cls = METHODS.get(name)
-            options = ", ".join(
-                f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
-                for f in dataclasses.fields(cls.config_cls)
-            )
-            print(f"{name:12s} {cls.description}\n{'':12s} options: {options}")
+        for title, registry in (
+            ("adaptation", METHODS),
+            ("pretraining (clinadapt pretrain)", SSL_METHODS),
+        ):
+            names = registry.names(args.pattern)
+            if names:
+                print(f"# {title}")
+            for name in names:
+                cls = registry.get(name)
+                options = ", ".join(
+                    f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+                    for f in dataclasses.fields(cls.config_cls)
+                )
+                print(f"{name:12s} {cls.description}\n{'':12s} options: {options}")
     return 0
 
 
@@ -130,6 +140,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {metric:18s} {test[metric]:.4f}{extra}")
     if out and is_main_process():
         print(f"record written to {out}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from clinadapt.config import from_dict, load_yaml
+    from clinadapt.runner.pretrain import BACKBONE_DIR, run_pretrain
+    from clinadapt.runner.records import is_main_process, write_json_atomic
+    from clinadapt.ssl.config import PretrainConfig
+
+    options = load_yaml(args.config) if args.config else {}
+    options.update(_collect(args, PretrainConfig))
+    overrides = _split_overrides(args.overrides)
+    for nested in NESTED:
+        if nested in overrides:
+            options[nested] = {**options.get(nested, {}), **overrides.pop(nested)}
+    options.update(overrides)
+    cfg = from_dict(PretrainConfig, options)
+    run_dir = Path(args.out)
+    out = run_dir / "record.json"
+    if out.exists() and not cfg.resume:
+        raise ClinadaptError(f"{run_dir} already holds a finished run; choose another --out")
+    record = run_pretrain(cfg, run_dir, progress=not args.quiet)
+    write_json_atomic(out, record)
+    if is_main_process():
+        last = record["history"][-1]
+        knn = f", k-NN val AUC {last['knn_auc']:.3f}" if "knn_auc" in last else ""
+        print(
+            f"{cfg.method} on {','.join(cfg.datasets)}: {len(record['history'])} epochs, "
+            f"final loss {last['loss']:.4f}{knn}"
+        )
+        print(
+            f"backbone weights: {run_dir / BACKBONE_DIR} (use --weights {run_dir / BACKBONE_DIR})"
+        )
     return 0
 
 
@@ -229,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clinadapt import __version__
     from clinadapt.runner.bench import GridConfig
     from clinadapt.runner.experiment import ExperimentConfig
+    from clinadapt.ssl.config import PretrainConfig
 
     parser = argparse.ArgumentParser(
         prog="clinadapt",
@@ -241,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (
         ("datasets", "datasets"),
         ("backbones", "backbones"),
-        ("methods", "adaptation methods"),
+        ("methods", "adaptation and pretraining methods"),
     ):
         p = sub.add_parser(name, help=f"list registered {what}")
         p.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'dino*'")
@@ -267,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
             help="overrides; method.NAME=VALUE sets a method option, train.NAME=VALUE training",
         )
         p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised (continued) pretraining: simclr, dino, mae; writes a backbone",
+    )
+    p.add_argument("--config", help="YAML file of PretrainConfig options")
+    _add_dataclass_options(p, PretrainConfig)
+    p.add_argument("--out", required=True, help="run folder: record, checkpoints, backbone/")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides; method.NAME=VALUE sets a method option, views.NAME=VALUE a view option",
+    )
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("bench", help="run a grid of experiments (resumable) and build a report")
     p.add_argument("--config", help="YAML file of GridConfig options")

@@ -21,8 +21,9 @@ def did_you_mean(name: str, choices: list[str]) -> str:
 class Registry(Generic[T]):
     """Lower-case unique names mapped to objects, with wildcard listing and helpful errors."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, listing: str | None = None) -> None:
         self.kind = kind
+        self.listing = listing or f"clinadapt {kind}s"
         self._items: dict[str, T] = {}
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
@@ -43,7 +44,7 @@ class Registry(Generic[T]):
         if key not in self._items:
             raise UnknownNameError(
                 f"Unknown {self.kind} {name!r}.{did_you_mean(key, list(self._items))} "
-                f"Run `clinadapt {self.kind}s` to list them."
+                f"Run `{self.listing}` to list them."
             )
         return self._items[key]
 

@@ -9,10 +9,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clinadapt.backbones import BACKBONES, create_backbone, get_spec, pretrained_config
-from clinadapt.backbones.medmnist_nets import BasicBlock, ResNet, create_model
+from clinadapt.backbones.medmnist_nets import BasicBlock, ResNet, create_model, input_config
 from clinadapt.errors import ClinadaptError, ConfigError, DataError, UnknownNameError
 
 OURS = [n for n in BACKBONES if BACKBONES.get(n).library == "clinadapt"]
+RESNETS = [n for n in OURS if BACKBONES.get(n).family == "cnn"]  # the ViTs: test_vit3d.py
 TINY = {"layers": [1, 1, 1, 1], "widths": (4, 8, 8, 16)}
 
 
@@ -26,12 +27,13 @@ def convs(model: nn.Module) -> list[nn.Module]:
 
 
 def test_registered_names():
-    assert {"resnet18_28", "resnet18_2_5d", "resnet18_3d", "test_resnet3d"} <= set(OURS)
+    assert {"resnet18_28", "resnet18_2_5d", "resnet18_3d", "test_resnet3d"} == set(RESNETS)
     assert BACKBONES.get("test_resnet3d").tiny
     for name in OURS:
         spec = get_spec(name)
-        assert spec.ndim == (2 if name == "resnet18_28" else 3)
+        assert spec.ndim == input_config(spec.model_name)["ndim"]
         assert spec.weights_ref == f"clinadapt:{spec.model_name}"
+    assert [get_spec(n).ndim for n in sorted(RESNETS)] == [2, 3, 3, 3]
     assert get_spec("resnet18").ndim == 2  # timm specs keep the default
 
 
@@ -146,7 +148,7 @@ def test_wrong_input_shapes_and_arguments_are_clear():
         create_model("resnet18_3dd")
 
 
-@pytest.mark.parametrize("name", sorted(OURS))
+@pytest.mark.parametrize("name", sorted(RESNETS))
 def test_create_backbone_with_random_weights(name):
     backbone = create_backbone(name, weights="none")
     spec = get_spec(name)

@@ -27,19 +27,27 @@ What the MedMNIST/experiments code does, and what this module reproduces:
 Module names follow the MedMNIST code (``conv1``, ``bn1``, ``layerN.i.shortcut``, ``linear``), so
 state dicts of its released weights fit. ``num_classes=0`` replaces the classifier by an identity,
 as timm does, and the model then returns pooled ``num_features``-wide features.
+
+``MODELS`` also names small Vision Transformers trained from scratch, for comparison with these
+ResNets at MedMNIST's sizes: ``vit_t_28`` (timm's ``VisionTransformer``, 4 px patches on 28 px
+images, 49 tokens) and the volume-native ``vit3d_t_28`` (``vit3d.VisionTransformer3d``, 7^3
+patches on 28^3 volumes, 64 tokens), both 192 wide, 6 blocks, 3 heads (ViT-Ti width, half
+depth).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clinadapt.backbones.vit3d import VisionTransformer3d
 from clinadapt.errors import ConfigError, DataError, UnknownNameError
 from clinadapt.registry import did_you_mean
 
@@ -49,6 +57,7 @@ CONV_MODES = ("2d", "2.5d", "3d")
 STEMS = ("cifar", "imagenet")
 
 __all__ = [
+    "ARCHITECTURES",
     "MODELS",
     "BasicBlock",
     "Bottleneck",
@@ -272,26 +281,75 @@ def _inflate_(weight: torch.Tensor, stem: str) -> None:
 
 @dataclass(frozen=True)
 class ModelDefaults:
-    """Constructor arguments and the input the model expects (MedMNIST v2's preprocessing)."""
+    """Builder ``arch`` (a key of ``ARCHITECTURES``), its constructor arguments, and the input the
+    model expects: edge length, mean/std and ``ndim`` spatial dimensions (3 for volumes)."""
 
     kwargs: dict[str, Any] = field(hash=False)
     input_size: int
     mean: float
     std: float
-    layers: tuple[int, int, int, int] = (2, 2, 2, 2)
-    block: str = "basic"
+    arch: str = "resnet"
+    ndim: int = 2
+
+
+_BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _resnet(block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), **kwargs: Any) -> ResNet:
+    if "widths" in kwargs:
+        kwargs["widths"] = tuple(kwargs["widths"])
+    return ResNet(_BLOCKS[block], layers, **kwargs)
+
+
+def _vit(**kwargs: Any) -> VisionTransformer:
+    model = VisionTransformer(**kwargs)
+    # tells clinadapt's weights loader which state-dict keys are the classifier (timm's field)
+    model.pretrained_cfg = {"classifier": "head"}
+    return model
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet": _resnet,
+    "vit": _vit,
+    "vit3d": VisionTransformer3d,
+}
+
+
+def _vit_args(
+    size: int, patch: int, channels: int, width: int = 192, depth: int = 6, heads: int = 3
+) -> dict[str, Any]:
+    """ViT constructor arguments: by default ViT-Ti's width (192) and heads (3) at half its depth,
+    small enough to train from scratch on MedMNIST."""
+    return {
+        "img_size": size,
+        "patch_size": patch,
+        "in_chans": channels,
+        "embed_dim": width,
+        "depth": depth,
+        "num_heads": heads,
+    }
 
 
 _V2_3D = {"in_channels": 1, "spatial_dims": 3}
 MODELS: dict[str, ModelDefaults] = {
     "resnet18_28": ModelDefaults({"in_channels": 3, "spatial_dims": 2}, 28, 0.5, 0.5),
-    "resnet18_2_5d": ModelDefaults({**_V2_3D, "conv_mode": "2.5d"}, 28, 0.0, 1.0),
-    "resnet18_3d": ModelDefaults({**_V2_3D, "conv_mode": "3d", "inflate_init": True}, 28, 0.0, 1.0),
+    "resnet18_2_5d": ModelDefaults({**_V2_3D, "conv_mode": "2.5d"}, 28, 0.0, 1.0, ndim=3),
+    "resnet18_3d": ModelDefaults(
+        {**_V2_3D, "conv_mode": "3d", "inflate_init": True}, 28, 0.0, 1.0, ndim=3
+    ),
     "test_resnet3d": ModelDefaults(
-        {**_V2_3D, "conv_mode": "3d", "widths": (4, 8, 16, 32)}, 16, 0.0, 1.0, (1, 1, 1, 1)
+        {**_V2_3D, "conv_mode": "3d", "widths": (4, 8, 16, 32), "layers": (1, 1, 1, 1)},
+        16,
+        0.0,
+        1.0,
+        ndim=3,
+    ),
+    "vit_t_28": ModelDefaults(_vit_args(28, 4, 3), 28, 0.5, 0.5, arch="vit"),
+    "vit3d_t_28": ModelDefaults(_vit_args(28, 7, 1), 28, 0.0, 1.0, arch="vit3d", ndim=3),
+    "test_vit3d": ModelDefaults(
+        _vit_args(16, 4, 1, width=32, depth=2, heads=2), 16, 0.0, 1.0, arch="vit3d", ndim=3
     ),
 }
-_BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 def _defaults(name: str) -> ModelDefaults:
@@ -302,26 +360,24 @@ def _defaults(name: str) -> ModelDefaults:
     return MODELS[name]
 
 
-def create_model(name: str, num_classes: int = 0, **kwargs: Any) -> ResNet:
+def create_model(name: str, num_classes: int = 0, **kwargs: Any) -> nn.Module:
     """Architecture ``name`` with random weights; ``kwargs`` override its constructor arguments
     (e.g. ``in_channels`` from a weights folder's config.json)."""
     d = _defaults(name)
-    args = {**d.kwargs, **kwargs, "num_classes": num_classes}
-    if "widths" in args:
-        args["widths"] = tuple(args["widths"])
-    return ResNet(_BLOCKS[d.block], d.layers, **args)
+    return ARCHITECTURES[d.arch](**{**d.kwargs, **kwargs, "num_classes": num_classes})
 
 
 def input_config(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Input size, channels and per-channel mean/std for architecture ``name`` built with
     ``kwargs`` (overrides such as ``in_channels``)."""
     d = _defaults(name)
-    channels = int({**d.kwargs, **(kwargs or {})}.get("in_channels", 3))
+    args = {**d.kwargs, **(kwargs or {})}
+    channels = int(args.get("in_channels", args.get("in_chans", 3)))
     return {
         "input_size": d.input_size,
         "channels": channels,
         "mean": (d.mean,) * channels,
         "std": (d.std,) * channels,
         "interpolation": "nearest",
-        "ndim": int({**d.kwargs, **(kwargs or {})}.get("spatial_dims", 2)),
+        "ndim": int(args.get("spatial_dims", d.ndim)),
     }

@@ -26,9 +26,10 @@ class BackboneSpec:
     ``family`` is the architecture kind (``vit``, ``swin``, ``cnn``; ``timm`` for an arbitrary
     ``timm:<name>``) so methods such as LoRA can tell transformers from CNNs. ``tiny`` marks the
     random test architectures; ``input_size`` overrides the hub config's size (small test inputs).
-    Library ``clinadapt`` is our own architectures (``backbones/medmnist_nets.py``), which have no
-    hub weights. ``ndim`` is 2 for image backbones and 3 for volume-native ones, which take
-    (B, C, D, H, W) batches from ``VolumePreprocess`` instead of ``Preprocess``.
+    Library ``clinadapt`` is our own architectures (``backbones/medmnist_nets.py``, including the
+    3D ViT of ``backbones/vit3d.py``), which have no hub weights. ``ndim`` is 2 for image
+    backbones and 3 for volume-native ones, which take (B, C, D, H, W) batches from
+    ``VolumePreprocess`` instead of ``Preprocess``.
     """
 
     name: str
@@ -200,6 +201,36 @@ _SPECS = (
         "test_resnet3d",
         "",
         "tiny random 3D ResNet for tests (32-d, 16^3 px)",
+        tiny=True,
+        input_size=16,
+        ndim=3,
+    ),
+    BackboneSpec(
+        "vit_t_28",
+        "clinadapt",
+        "vit_t_28",
+        "",
+        "ViT for 28 px trained from scratch (patch 4, 192-d, 6 blocks); no weights",
+        family="vit",
+        input_size=28,
+    ),
+    BackboneSpec(
+        "vit3d_t_28",
+        "clinadapt",
+        "vit3d_t_28",
+        "",
+        "3D ViT for 28^3 volumes trained from scratch (patch 7^3, 192-d, 6 blocks); no weights",
+        family="vit",
+        input_size=28,
+        ndim=3,
+    ),
+    BackboneSpec(
+        "test_vit3d",
+        "clinadapt",
+        "test_vit3d",
+        "",
+        "tiny random 3D ViT for tests (patch 4^3, 32-d, 16^3 px); no weights",
+        family="vit",
         tiny=True,
         input_size=16,
         ndim=3,

@@ -189,29 +189,47 @@ class Augmenter:
         gamma = torch.exp(self._uniform(n, -log_g, log_g))
         contrast = self._uniform(n, 1 - c.contrast, 1 + c.contrast)
         shift = self._uniform(n, -c.brightness, c.brightness)
-        unit, low, span = _to_unit(x)
         shape = (n, *[1] * (x.ndim - 1))
-        g, k, b = (v.to(x.device, x.dtype).view(shape) for v in (gamma, contrast, shift))
-        y = unit.clamp_min(0) ** g
-        mean = y.flatten(1).mean(dim=1).view(shape)
-        y = ((y - mean) * k + mean + b).clamp(0, 1)
-        return torch.where(chosen.view(shape), y * span + low, x)
+        return torch.where(chosen.view(shape), adjust_intensity(x, gamma, contrast, shift), x)
 
     def _color(self, x: torch.Tensor) -> torch.Tensor:
         c, (n, channels) = self.config, x.shape[:2]
         chosen = self._chosen(n, c.color, x.device)
         gain = self._uniform(n * channels, 1 - c.channel_gain, 1 + c.channel_gain)
         saturation = self._uniform(n, 1 - c.saturation, 1 + c.saturation)
-        spatial = [1] * (x.ndim - 2)
-        unit, low, span = _to_unit(x)
-        y = unit * gain.to(x.device, x.dtype).view(n, channels, *spatial)
-        grey = y.mean(dim=1, keepdim=True)
-        s = saturation.to(x.device, x.dtype).view(n, 1, *spatial)
-        y = (grey + (y - grey) * s).clamp(0, 1)
-        return torch.where(chosen.view(n, 1, *spatial), y * span + low, x)
+        shape = (n, 1, *[1] * (x.ndim - 2))
+        return torch.where(chosen.view(shape), adjust_color(x, gain, saturation), x)
 
 
-def _to_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def adjust_intensity(
+    x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """Gamma, contrast about the mean and a brightness shift (a fraction of the range), one value
+    of each per image, in each image's own range per channel so that the normalisation does not
+    matter and repeated grayscale channels stay identical."""
+    unit, low, span = to_unit(x)
+    shape = (x.shape[0], *[1] * (x.ndim - 1))
+    g, k, b = (v.to(x.device, x.dtype).view(shape) for v in (gamma, contrast, shift))
+    y = unit.clamp_min(0) ** g
+    mean = y.flatten(1).mean(dim=1).view(shape)
+    y = ((y - mean) * k + mean + b).clamp(0, 1)
+    return y * span + low
+
+
+def adjust_color(x: torch.Tensor, gain: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """Per-channel gains (B * C values) and a saturation factor per image, in each image's own
+    range per channel; meant for RGB images only."""
+    n, channels = x.shape[:2]
+    spatial = [1] * (x.ndim - 2)
+    unit, low, span = to_unit(x)
+    y = unit * gain.to(x.device, x.dtype).view(n, channels, *spatial)
+    grey = y.mean(dim=1, keepdim=True)
+    s = saturation.to(x.device, x.dtype).view(n, 1, *spatial)
+    y = (grey + (y - grey) * s).clamp(0, 1)
+    return y * span + low
+
+
+def to_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x`` mapped to [0, 1] per image and channel, with the minimum and span to map back."""
     flat = x.flatten(2)
     shape = (*x.shape[:2], *[1] * (x.ndim - 2))

@@ -27,13 +27,17 @@ def write_history(history: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss, validation metrics and learning rate against epochs (no pyplot global state)."""
+Panels = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, panels: Panels = CURVES) -> None:
+    """One panel per (title, history keys) against epochs; by default loss, validation
+    metrics and learning rate (no pyplot global state)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3.6))
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
-    for ax, (title, keys) in zip(fig.subplots(1, len(CURVES)), CURVES, strict=True):
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels)), panels, strict=True):
         for key in keys:
             points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
             if points:

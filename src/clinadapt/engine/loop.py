@@ -201,7 +201,7 @@ class Loop:
             history=self.history,
             time_per_epoch_s=float(np.mean([r["seconds"] for r in self.history])),
             total_s=time.perf_counter() - start,
-            peak_memory_mb=_peak_memory_mb(device),
+            peak_memory_mb=device_peak_memory_mb(device),
             stopped_early=self.stopped_early,
             precision=self.resolved["precision"],
             trainable_parameters=sum(p.numel() for p in self.trainable),
@@ -363,7 +363,7 @@ class Loop:
         return meta["finished"]
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def device_peak_memory_mb(device: torch.device) -> float:
     """CUDA's peak allocation on a GPU, else the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

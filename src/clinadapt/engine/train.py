@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,13 +30,12 @@ from clinadapt.engine.batches import is_grayscale
 from clinadapt.engine.features import resolve_device, resolve_precision
 from clinadapt.engine.loop import Loop
 from clinadapt.engine.predict import predict_proba
+from clinadapt.engine.runtime import accelerator_session, deterministic_kernels
 from clinadapt.engine.schedule import OPTIMIZERS, SCHEDULES
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.registry import did_you_mean
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from clinadapt.adapt.finetune import AdaptedModel
 
 __all__ = ["TrainConfig", "TrainResult", "predict_proba", "train"]
@@ -211,13 +209,13 @@ def train(
     train_split = _checked(train, task, num_classes, "train", volume, native)
     val_split = _checked(val, task, num_classes, "val", volume, native) if val is not None else None
     device = torch.device("cpu") if config.device == "cpu" else resolve_device()
-    precision = _precision(config.precision, device)
+    precision = training_precision(config.precision, device)
     augment = resolve_augment(
         config.augment, config.augment_options, grayscale=is_grayscale(train_split[0], volume)
     )
     with (
-        _accelerator(config, precision) as accelerator,
-        _determinism(config.deterministic),
+        accelerator_session(precision, config.device, config.grad_accumulation) as accelerator,
+        deterministic_kernels(config.deterministic),
         _grad_checkpointing(model, config.gradient_checkpointing),
     ):
         resolved = {
@@ -280,7 +278,7 @@ def _trainable_digest(model: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _precision(precision: str, device: torch.device) -> str:
+def training_precision(precision: str, device: torch.device) -> str:
     """``bf16``, ``fp16`` or ``fp32``; fp16 needs a GradScaler, which accelerate runs on CUDA."""
     if precision == "fp16":
         if device.type != "cuda":
@@ -289,58 +287,6 @@ def _precision(precision: str, device: torch.device) -> str:
             )
         return precision
     return resolve_precision(precision, device)
-
-
-def _has_accelerator() -> bool:
-    return torch.cuda.is_available() or (
-        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    )
-
-
-@contextlib.contextmanager
-def _accelerator(config: TrainConfig, precision: str) -> Iterator[Accelerator]:
-    """An Accelerator for this run; its process-wide state is reset afterwards so the next
-    run in the same process may use another precision (the process group is kept)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    accelerator = Accelerator(
-        mixed_precision={"fp32": "no"}.get(precision, precision),
-        gradient_accumulation_steps=config.grad_accumulation,
-        # without an accelerator, "auto" must say cpu: accelerate only sets up multi-process
-        # CPU training (torchrun / accelerate launch) when asked for the CPU explicitly
-        cpu=config.device == "cpu" or not _has_accelerator(),
-    )
-    try:
-        yield accelerator
-    finally:
-        if accelerator.device.type != "cpu":  # gc + empty the GPU cache for the next run
-            accelerator.free_memory()
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-
-
-@contextlib.contextmanager
-def _determinism(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels for the run (warn-only: an op without one still runs)."""
-    if not enabled:
-        yield
-        return
-    cudnn = torch.backends.cudnn
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        cudnn.benchmark,
-        cudnn.deterministic,
-    )
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    cudnn.benchmark, cudnn.deterministic = False, True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        cudnn.benchmark, cudnn.deterministic = before[2], before[3]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,273 @@
+"""``clinadapt pretrain``: self-supervised (continued) pretraining of a backbone on unlabelled
+images, ending in a weights folder that every other command takes as ``--weights``."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from clinadapt.config import to_dict
+from clinadapt.errors import ConfigError, DataError
+from clinadapt.ssl.config import PretrainConfig
+
+BACKBONE_DIR = "backbone"
+
+
+def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Pretrain ``cfg.backbone`` with ``cfg.method``; write ``run_dir/backbone`` and return the
+    run record (the caller writes it)."""
+    from clinadapt.backbones import create_backbone, get_spec
+    from clinadapt.engine.features import resolve_device
+    from clinadapt.engine.train import training_precision
+    from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
+    from clinadapt.ssl import SSL_METHODS, create_pretrain_model
+    from clinadapt.ssl.loop import UnlabelledImages, pretrain, resolved_config
+    from clinadapt.ssl.views import ViewGenerator, resolve_views
+
+    start = time.perf_counter()
+    SSL_METHODS.get(cfg.method)  # an unknown method fails before any data is read
+    spec = get_spec(cfg.backbone)
+    datasets = _load(cfg, spec.ndim)
+    backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
+    preprocess = _preprocess(backbone, cfg)
+    encoder = backbone.model.train().requires_grad_(True)
+    lora_targets: list[str] = []
+    if cfg.lora_rank:
+        encoder, lora_targets = _with_lora(encoder, cfg, backbone.name)
+        backbone.model = encoder
+    model = create_pretrain_model(cfg.method, encoder, backbone.feature_dim, cfg.method_options)
+    grayscale = all(_grayscale(d) for d in datasets)
+    views = resolve_views(model.views, cfg.view_options, grayscale=grayscale)
+    precision = training_precision(
+        cfg.precision, resolve_device("cpu" if cfg.device == "cpu" else None)
+    )
+    images = UnlabelledImages([d["train"].images for d in datasets], preprocess)
+    monitor, monitor_name = _monitor(cfg, datasets, backbone, preprocess, precision)
+    freeze = cfg.norm_statistics == "frozen" or (
+        cfg.norm_statistics == "auto" and backbone.is_pretrained
+    )
+    resolved = resolved_config(
+        cfg,
+        precision=precision,
+        views=to_dict(views),
+        weights_id=backbone.weights_id,
+        train_images=len(images),
+    )
+    load_s = time.perf_counter() - start
+    result = pretrain(
+        model,
+        images,
+        ViewGenerator(views, cfg.seed),
+        cfg,
+        resolved=resolved,
+        out_dir=run_dir,
+        precision=precision,
+        freeze_norm_statistics=freeze,
+        monitor=monitor,
+        progress=progress,
+    )
+    weights_dir = run_dir / BACKBONE_DIR
+    plain = _plain_encoder(encoder)
+    _export(plain, cfg, backbone, spec, weights_dir)
+    total = sum(p.numel() for p in plain.parameters())
+    from clinadapt.backbones.weights import file_sha256
+    from clinadapt.runner.experiment import dataset_summary
+
+    return {
+        "record_version": RECORD_VERSION,
+        "kind": "pretrain",
+        "config": to_dict(cfg),
+        "data": [
+            dataset_summary(d.info, {k: len(v) for k, v in d.splits.items()}, dict(d.provenance))
+            for d in datasets
+        ],
+        "train_images": len(images),
+        "backbone": {
+            "name": backbone.name,
+            "weights": cfg.weights,
+            "weights_id": backbone.weights_id,
+            "is_pretrained": backbone.is_pretrained,
+            "feature_dim": backbone.feature_dim,
+            "parameters": total,
+        },
+        "preprocessing": {**preprocess.describe(), "precision": precision},
+        "method": {
+            "name": cfg.method,
+            "config": to_dict(model.config),
+            "views": to_dict(views),
+            "lora_targets": lora_targets,
+            "trainable_parameters": result.trainable_parameters,
+            "trainable_percent_of_backbone": 100.0
+            * sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+            / total,
+        },
+        "monitor": monitor_name,
+        "history": result.history,
+        "output": {
+            "weights": str(weights_dir),
+            "sha256": file_sha256(weights_dir / "model.safetensors"),
+        },
+        "timings": {
+            "load_s": load_s,
+            "time_per_epoch_s": result.time_per_epoch_s,
+            "train_s": result.total_s,
+            "total_s": time.perf_counter() - start,
+        },
+        "peak_memory_mb": result.peak_memory_mb,
+        "packages": package_versions(),
+        "hardware": hardware(),
+    }
+
+
+def _load(cfg: PretrainConfig, ndim: int) -> list[Any]:
+    from clinadapt.data import load_dataset
+
+    datasets = [load_dataset(n, root=cfg.data_root, size=cfg.size) for n in cfg.datasets]
+    for d in datasets:
+        if d.info.ndim != ndim:
+            kind = {2: "2D images", 3: "3D volumes"}
+            raise DataError(
+                f"dataset {d.info.name!r} holds {kind[d.info.ndim]} but backbone "
+                f"{cfg.backbone!r} takes {kind[ndim]}; pretrain a "
+                f"{'volume-native (e.g. vit3d_t_28, resnet18_3d)' if d.info.ndim == 3 else '2D'} "
+                "backbone on it, or pool only datasets of one kind"
+            )
+        if "train" not in d.splits or len(d["train"]) == 0:
+            raise DataError(f"dataset {d.info.name!r} has no training images to pretrain on")
+    return datasets
+
+
+def _preprocess(backbone: Any, cfg: PretrainConfig) -> Any:
+    from clinadapt.runner.experiment import make_preprocess
+
+    return make_preprocess(backbone, cfg)
+
+
+def _grayscale(dataset: Any) -> bool:
+    first = np.asarray(dataset["train"].images[0])
+    return dataset.info.ndim == 3 or first.ndim == 2 or first.shape[-1] == 1
+
+
+def _with_lora(encoder: nn.Module, cfg: PretrainConfig, name: str) -> tuple[nn.Module, list[str]]:
+    """Freeze ``encoder`` and add LoRA layers (PEFT), so pretraining changes only a low-rank
+    part of a general model."""
+    from clinadapt.adapt.lora.model import default_targets, import_peft
+
+    peft = import_peft()
+    targets = default_targets(encoder)
+    if not targets:
+        raise ConfigError(f"lora_rank: backbone {name!r} has no layers LoRA can adapt")
+    encoder.requires_grad_(False)
+    config = peft.LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, bias="none"
+    )
+    return peft.LoraModel(encoder, config, "default"), targets
+
+
+def _plain_encoder(encoder: nn.Module) -> nn.Module:
+    """The encoder as its library builds it: LoRA merged into the weights."""
+    if hasattr(encoder, "peft_config"):
+        return copy.deepcopy(encoder).merge_and_unload()
+    return encoder
+
+
+def _export(plain: nn.Module, cfg: PretrainConfig, backbone: Any, spec: Any, out: Path) -> None:
+    """``model.safetensors`` + ``config.json`` that ``create_backbone(name, out)`` rebuilds."""
+    from safetensors.torch import save_file
+
+    from clinadapt.backbones.weights import CONFIG_FILE, WEIGHTS_FILE, resolve_local_weights
+    from clinadapt.runner.records import is_main_process, write_json_atomic
+
+    if not is_main_process():
+        return
+    kwargs = dict(spec.kwargs)
+    if cfg.weights not in ("pretrained", "none"):
+        kwargs.update(resolve_local_weights(Path(cfg.weights).expanduser()).create_kwargs)
+    kwargs.pop("num_classes", None)
+    pcfg = backbone.pretrained_cfg
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+    tmp = out / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, tmp)
+    tmp.replace(out / WEIGHTS_FILE)
+    write_json_atomic(
+        out / CONFIG_FILE,
+        {
+            "architecture": spec.model_name,
+            "create_model_kwargs": kwargs,
+            "num_features": backbone.feature_dim,
+            "input_size": [pcfg.channels, *[cfg.input_size or pcfg.input_size] * spec.ndim],
+            "mean": list(pcfg.mean),
+            "std": list(pcfg.std),
+            "interpolation": pcfg.interpolation,
+            "pretraining": {
+                "method": cfg.method,
+                "data": cfg.datasets,
+                "epochs": cfg.epochs,
+                "started_from": cfg.weights,
+                "backbone": backbone.name,
+                "lora_rank": cfg.lora_rank,
+            },
+        },
+    )
+
+
+def _monitor(
+    cfg: PretrainConfig, datasets: list[Any], backbone: Any, preprocess: Any, precision: str
+) -> tuple[Any, str | None]:
+    """The online k-NN score: features of a labelled training sample (memory) and of the
+    validation split (queries) from the current encoder, scored like ``knn`` runs."""
+    if cfg.monitor == "none":
+        return None, None
+    if cfg.monitor == "auto":
+        chosen = next((d for d in datasets if "val" in d.splits and len(d["val"])), None)
+        if chosen is None:
+            return None, None
+    else:
+        from clinadapt.data import load_dataset
+
+        chosen = next((d for d in datasets if d.info.name == cfg.monitor), None)
+        chosen = chosen or load_dataset(cfg.monitor, root=cfg.data_root, size=cfg.size)
+        if "val" not in chosen.splits:
+            raise DataError(f"monitor dataset {cfg.monitor!r} has no validation split")
+    from clinadapt.adapt.knn import KNN
+    from clinadapt.data.dataset import Subset
+    from clinadapt.data.transforms import slices_volumes
+    from clinadapt.engine.features import extract_features
+    from clinadapt.eval import evaluate
+
+    info, train, val = chosen.info, chosen["train"], chosen["val"]
+    rng = np.random.default_rng(cfg.seed)
+    n = min(len(train), cfg.monitor_max_train)
+    memory = np.sort(rng.choice(len(train), size=n, replace=False))
+    slices = slices_volumes(info.ndim, preprocess)
+    inference_precision = "bf16" if precision == "bf16" else "fp32"
+
+    def features(images: Any) -> np.ndarray:
+        return extract_features(
+            backbone,
+            images,
+            preprocess,
+            batch_size=cfg.batch_size,
+            precision=inference_precision,
+            is_volume=slices,
+            device="cpu" if cfg.device == "cpu" else None,
+            progress=False,
+        )
+
+    def score() -> dict[str, float]:
+        knn = KNN().fit(
+            features(Subset(train.images, memory)),
+            train.labels[memory],
+            info.task,
+            info.num_classes,
+        )
+        metrics = evaluate(val.labels, knn.predict_proba(features(val.images)), info.task)
+        return {f"knn_{k}": float(metrics[k]) for k in ("auc", "acc", "balanced_accuracy")}
+
+    return score, info.name
