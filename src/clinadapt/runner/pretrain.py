@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from clinadapt.config import to_dict
@@ -37,12 +38,16 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     preprocess = _preprocess(backbone, cfg)
     encoder = backbone.model.train().requires_grad_(True)
     lora_targets: list[str] = []
-    if cfg.lora_rank:
-        encoder, lora_targets = _with_lora(encoder, cfg, backbone.name)
-        backbone.model = encoder
-    model = create_pretrain_model(cfg.method, encoder, backbone.feature_dim, cfg.method_options)
-    grayscale = all(_grayscale(d) for d in datasets)
+    with torch.random.fork_rng():  # LoRA factors, heads and decoders start the same for a seed
+        torch.manual_seed(cfg.seed)
+        if cfg.lora_rank:
+            encoder, lora_targets = _with_lora(encoder, cfg, backbone.name)
+            backbone.model = encoder
+        model = create_pretrain_model(cfg.method, encoder, backbone.feature_dim, cfg.method_options)
+    # colour jitter only when every pooled image is colour: it would tint grayscale scans
+    grayscale = any(_grayscale(d) for d in datasets)
     views = resolve_views(model.views, cfg.view_options, grayscale=grayscale)
+    views = _fit_local_views(encoder, views, preprocess, spec.ndim)
     precision = training_precision(
         cfg.precision, resolve_device("cpu" if cfg.device == "cpu" else None)
     )
@@ -146,6 +151,49 @@ def _preprocess(backbone: Any, cfg: PretrainConfig) -> Any:
     from clinadapt.runner.experiment import make_preprocess
 
     return make_preprocess(backbone, cfg)
+
+
+def _fit_local_views(encoder: nn.Module, views: Any, preprocess: Any, ndim: int) -> Any:
+    """Local crops (DINO's multi-crop) at a size the encoder takes: a multiple of a ViT's patch,
+    and timm ViTs switched to resampling their position embeddings for other sizes."""
+    import dataclasses
+
+    from clinadapt.ssl.views import ViewGenerator
+
+    if not views.local_views:
+        return views
+    patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
+    _, local = ViewGenerator(views, 0).sizes(preprocess.input_size)
+    if patch is not None and not views.local_size:
+        p = int(patch[0])
+        views = dataclasses.replace(views, local_size=max(p, round(local / p) * p))
+        local = views.local_size
+    _allow_other_sizes(encoder)
+    probe = torch.zeros(2, preprocess.channels, *[local] * ndim)
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            encoder(probe)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise ConfigError(
+            f"the backbone cannot take {local}-pixel local crops ({err}); set views.local_size "
+            "to a size it takes, or views.local_views=0"
+        ) from None
+    finally:
+        encoder.train()
+    return views
+
+
+def _allow_other_sizes(encoder: nn.Module) -> None:
+    """timm builds ViTs for one input size unless asked for ``dynamic_img_size``; this is that
+    switch after construction (same weights, position embeddings resampled per batch)."""
+    from timm.layers import Format
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(encoder, VisionTransformer) and not encoder.dynamic_img_size:
+        encoder.dynamic_img_size = True
+        embed = encoder.patch_embed
+        embed.strict_img_size, embed.flatten, embed.output_fmt = False, False, Format.NHWC
 
 
 def _grayscale(dataset: Any) -> bool:

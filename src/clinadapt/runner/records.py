@@ -79,14 +79,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_records(directory: str | Path) -> list[dict[str, Any]]:
-    """All complete run records under ``directory`` (skipping unreadable or foreign JSON files)."""
+    """All complete run records under ``directory`` (skipping unreadable or foreign JSON files,
+    and pretraining records, which describe a backbone rather than an adapted model)."""
     records = []
     for path in sorted(Path(directory).rglob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and data.get("record_version") == RECORD_VERSION:
+        if (
+            isinstance(data, dict)
+            and data.get("record_version") == RECORD_VERSION
+            and data.get("kind") != "pretrain"
+        ):
             data["_path"] = str(path)
             records.append(data)
     return records

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from clinadapt.engine.batches import EpochSampler
 from clinadapt.engine.checkpoint import CheckpointDir, capture_rng, config_hash, restore_rng
 from clinadapt.engine.curves import plot_curves, write_history
+from clinadapt.engine.features import memory_format_for
 from clinadapt.engine.loop import device_peak_memory_mb
 from clinadapt.engine.runtime import accelerator_session, deterministic_kernels
 from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
@@ -140,7 +141,10 @@ class _Loop:
             drop_last=True,  # a last batch of one breaks batch norm and has no negatives
         )
         self.loader = accelerator.prepare(loader)
-        self.net = accelerator.prepare(model)
+        # the layout feature extraction (the k-NN monitor) uses, from the start, so a resumed
+        # run computes with the same kernels as an uninterrupted one
+        self.layout = memory_format_for(model.encoder)
+        self.net = accelerator.prepare(model.to(memory_format=self.layout))
         optimizer = build_optimizer(
             parameter_groups(model, config.weight_decay), "adamw", config.lr, 0.9
         )
@@ -205,7 +209,10 @@ class _Loop:
             disable=not self.progress,
         )
         for step, x in enumerate(bar, 1):
-            loss = self.net(self.views(x), epoch - 1)
+            views = [
+                v.contiguous(memory_format=self.layout) if v.ndim == 4 else v for v in self.views(x)
+            ]
+            loss = self.net(views, epoch - 1)
             stats = acc.gather(torch.stack([loss.detach().float(), loss.new_ones(())])[None])
             if not torch.isfinite(stats[:, 0]).all():
                 raise self._diverged(epoch, step, stats[:, 0], lr)

@@ -130,7 +130,7 @@ class MAE(PretrainModel):
     def _decode(self, latent: torch.Tensor, n_prefix: int, keep: torch.Tensor) -> torch.Tensor:
         y = self.decoder_embed(latent)
         b, d = y.shape[0], y.shape[-1]
-        full = self.mask_token.expand(b, self.decoder_pos.shape[1] - n_prefix, d)
+        full = self.mask_token.to(y.dtype).expand(b, self.decoder_pos.shape[1] - n_prefix, d)
         full = torch.scatter(full, 1, keep[..., None].expand(-1, -1, d), y[:, n_prefix:])
         y = torch.cat([y[:, :n_prefix], full], dim=1) + self.decoder_pos
         y = self.decoder_pred(self.decoder_norm(self.decoder_blocks(y)))
