@@ -35,7 +35,7 @@ CONTINUED = {
     "data": POOL,
     "backbone": "mobilenetv2_100",
     "method": "simclr",
-    "epochs": 4,
+    "epochs": 3,
     "batch_size": 64,
     "lr": 1e-4,
     "input_size": 112,
@@ -43,7 +43,7 @@ CONTINUED = {
 RUNS: dict[str, dict[str, Any]] = {
     "simclr": {**SCRATCH, "data": POOL, "method": "simclr", "epochs": 15},
     "dino": {**SCRATCH, "data": POOL, "method": "dino", "epochs": 8},
-    "mae": {**SCRATCH, "data": POOL, "method": "mae", "epochs": 40},
+    "mae": {**SCRATCH, "data": POOL, "method": "mae", "epochs": 30},
     "continued": CONTINUED,
     "continued_lora": {**CONTINUED, "lora_rank": 8, "lr": 1e-3},
     "mae3d": {
@@ -51,7 +51,7 @@ RUNS: dict[str, dict[str, Any]] = {
         "backbone": "vit3d_t_28",
         "weights": "none",
         "method": "mae",
-        "epochs": 60,
+        "epochs": 40,
         "batch_size": 64,
         "lr": 1e-3,
     },

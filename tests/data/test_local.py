@@ -201,3 +201,24 @@ def test_mixing_images_and_volumes_is_refused(tmp_path):
     rows = ["0.png,a", "v.nii.gz,b"] * 6
     with pytest.raises(DataError, match="mixes 2D images"):
         load_manifest(write_csv(tmp_path / "m.csv", "path,label", rows))
+
+
+def test_unlabelled_folder_reads_every_file_as_training_data(tmp_path):
+    from PIL import Image
+
+    from clinadapt.data.local import load_unlabelled_folder
+
+    (tmp_path / "nested").mkdir()
+    for i, where in enumerate([tmp_path, tmp_path, tmp_path / "nested"]):
+        Image.fromarray(np.full((10, 12), 40 * i, dtype=np.uint8)).save(where / f"{i}.png")
+    dataset = load_unlabelled_folder(tmp_path, image_size=8)
+    assert list(dataset.splits) == ["train"] and len(dataset["train"]) == 3
+    assert dataset["train"].images[np.array([0, 2])].shape == (2, 8, 8)
+    assert dataset.info.ndim == 2 and dataset.provenance["source"] == str(tmp_path)
+    (tmp_path / "scan.nii.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="mixes"):
+        load_unlabelled_folder(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_unlabelled_folder(empty)

@@ -182,3 +182,21 @@ def test_cli_pretrain_writes_a_record_and_refuses_to_overwrite(tmp_path, capsys)
     assert "--weights" in capsys.readouterr().out
     assert main(argv) == 2
     assert "already holds" in capsys.readouterr().err
+
+
+def test_a_flat_folder_of_nifti_volumes_pretrains_a_3d_backbone(tmp_path):
+    """Unlabelled scans need no class sub-folders (e.g. MSD Hippocampus imagesTr/)."""
+    import nibabel as nib
+    import numpy as np
+
+    scans = tmp_path / "imagesTr"
+    scans.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        volume = rng.normal(size=(20 + i, 24, 18)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), scans / f"case_{i}.nii.gz")
+    cfg = _config("mae", backbone="test_vit3d", data=str(scans), epochs=1, batch_size=4)
+    record = run_pretrain(cfg, tmp_path / "run", progress=False)
+    assert record["train_images"] == 6 and record["monitor"] is None
+    assert record["data"][0]["provenance"]["source"] == str(scans)
+    create_backbone("test_vit3d", str(tmp_path / "run" / "backbone"))

@@ -1,4 +1,5 @@
-"""The user's own data: an image folder (one sub-folder per class) or a CSV manifest.
+"""The user's own data: an image folder (one sub-folder per class), a CSV manifest, or, for
+self-supervised pretraining, a flat folder of unlabelled images or volumes.
 
 Files are checked to exist up front and read lazily; images are resized to ``image_size`` and
 volumes to a ``volume_size`` cube on read. Without given splits, a seeded stratified 70/10/20
@@ -122,6 +123,54 @@ def load_manifest(
         volume_size=volume_size,
         seed=seed,
     )
+
+
+def load_unlabelled_folder(
+    folder: Path, *, image_size: int = 224, volume_size: int = 64
+) -> Dataset:
+    """Every image or volume under ``folder`` as one ``train`` split with placeholder labels:
+    pretraining ignores labels, so scans need no sorting into classes."""
+    paths = sorted(p for p in folder.rglob("*") if _usable(p, folder))
+    if not paths:
+        raise DataError(
+            f"{folder} holds no images or volumes ({', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})"
+        )
+    kinds = [is_volume(p) for p in paths]
+    if any(kinds) and not all(kinds):
+        raise DataError(
+            f"{folder} mixes 2D images ({paths[kinds.index(False)]}) and 3D volumes "
+            f"({paths[kinds.index(True)]}); pretrain on one kind at a time"
+        )
+    if all(kinds):
+        size, channels, ndim = volume_size, 1, 3
+        loader = partial(read_volume, size=size)
+        item_shape, dtype = (size, size, size), np.float32
+    else:
+        size, channels, ndim = image_size, infer_channels(paths), 2
+        loader = partial(load_image, size=size, channels=channels)
+        item_shape, dtype = ((size, size) if channels == 1 else (size, size, 3)), np.uint8
+    info = DatasetInfo(
+        name=folder.name.lower(),
+        task=TaskType.MULTICLASS,
+        labels=("unlabelled",),
+        channels=channels,
+        ndim=ndim,
+        splits={"train": len(paths)},
+        sizes=(size,),
+        description=f"unlabelled local data from {folder}",
+    )
+    labels = np.zeros((len(paths), 1), dtype=np.int64)
+    idx = {"train": np.arange(len(paths))}
+    split = Split(LazySource(paths, loader, item_shape, dtype), labels)
+    provenance = {
+        "source": str(folder),
+        "md5": _fingerprint(folder, paths, labels, idx),
+        "md5_of": "path, bytes and mtime of every file",
+        "expected_md5": None,
+        "verified": None,
+        "size": size,
+    }
+    return Dataset(info=info, splits={"train": split}, size=size, provenance=provenance)
 
 
 def _subdirs(folder: Path) -> list[Path]:

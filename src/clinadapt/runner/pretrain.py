@@ -33,7 +33,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     start = time.perf_counter()
     SSL_METHODS.get(cfg.method)  # an unknown method fails before any data is read
     spec = get_spec(cfg.backbone)
-    datasets = _load(cfg, spec.ndim)
+    datasets = _load(cfg, spec)
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     preprocess = _preprocess(backbone, cfg)
     encoder = backbone.model.train().requires_grad_(True)
@@ -129,10 +129,22 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     }
 
 
-def _load(cfg: PretrainConfig, ndim: int) -> list[Any]:
+def _load(cfg: PretrainConfig, spec: Any) -> list[Any]:
+    """The datasets to pool; a folder of files without class sub-folders is read unlabelled,
+    at the backbone's input size."""
+    from clinadapt.backbones.registry import pretrained_config
     from clinadapt.data import load_dataset
+    from clinadapt.data.local import load_unlabelled_folder
 
-    datasets = [load_dataset(n, root=cfg.data_root, size=cfg.size) for n in cfg.datasets]
+    ndim, datasets = spec.ndim, []
+    size = cfg.input_size or pretrained_config(spec).input_size
+    for name in cfg.datasets:
+        path = Path(name).expanduser()
+        flat = path.is_dir() and not any(p.is_dir() for p in path.iterdir())
+        if flat:
+            datasets.append(load_unlabelled_folder(path, image_size=size, volume_size=size))
+        else:
+            datasets.append(load_dataset(name, root=cfg.data_root, size=cfg.size))
     for d in datasets:
         if d.info.ndim != ndim:
             kind = {2: "2D images", 3: "3D volumes"}
