@@ -65,6 +65,21 @@ def _split_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _config_from_args(args: argparse.Namespace, cls: type) -> Any:
+    """``cls`` from the YAML file, then the options, then ``key=value`` overrides (nested ones
+    merged into the file's)."""
+    from clinadapt.config import from_dict, load_yaml
+
+    options = load_yaml(args.config) if args.config else {}
+    options.update(_collect(args, cls))
+    overrides = _split_overrides(args.overrides)
+    for nested in NESTED:
+        if nested in overrides:
+            options[nested] = {**options.get(nested, {}), **overrides.pop(nested)}
+    options.update(overrides)
+    return from_dict(cls, options)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         from clinadapt.data import DATASETS
@@ -106,18 +121,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clinadapt.config import from_dict, load_yaml
     from clinadapt.runner.experiment import ExperimentConfig, run_experiment
     from clinadapt.runner.records import is_main_process, write_json_atomic
 
-    options = load_yaml(args.config) if args.config else {}
-    options.update(_collect(args, ExperimentConfig))
-    overrides = _split_overrides(args.overrides)
-    for nested in NESTED:
-        if nested in overrides:
-            options[nested] = {**options.get(nested, {}), **overrides.pop(nested)}
-    options.update(overrides)
-    cfg = from_dict(ExperimentConfig, options)
+    cfg = _config_from_args(args, ExperimentConfig)
     if args.command == "train":
         run_dir = Path(args.out)
         out = run_dir / "record.json"
@@ -144,19 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from clinadapt.config import from_dict, load_yaml
     from clinadapt.runner.pretrain import BACKBONE_DIR, run_pretrain
     from clinadapt.runner.records import is_main_process, write_json_atomic
     from clinadapt.ssl.config import PretrainConfig
 
-    options = load_yaml(args.config) if args.config else {}
-    options.update(_collect(args, PretrainConfig))
-    overrides = _split_overrides(args.overrides)
-    for nested in NESTED:
-        if nested in overrides:
-            options[nested] = {**options.get(nested, {}), **overrides.pop(nested)}
-    options.update(overrides)
-    cfg = from_dict(PretrainConfig, options)
+    cfg = _config_from_args(args, PretrainConfig)
     run_dir = Path(args.out)
     out = run_dir / "record.json"
     if out.exists() and not cfg.resume:

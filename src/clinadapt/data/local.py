@@ -12,6 +12,7 @@ import csv
 import hashlib
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,20 +136,9 @@ def load_unlabelled_folder(
         raise DataError(
             f"{folder} holds no images or volumes ({', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})"
         )
-    kinds = [is_volume(p) for p in paths]
-    if any(kinds) and not all(kinds):
-        raise DataError(
-            f"{folder} mixes 2D images ({paths[kinds.index(False)]}) and 3D volumes "
-            f"({paths[kinds.index(True)]}); pretrain on one kind at a time"
-        )
-    if all(kinds):
-        size, channels, ndim = volume_size, 1, 3
-        loader = partial(read_volume, size=size)
-        item_shape, dtype = (size, size, size), np.float32
-    else:
-        size, channels, ndim = image_size, infer_channels(paths), 2
-        loader = partial(load_image, size=size, channels=channels)
-        item_shape, dtype = ((size, size) if channels == 1 else (size, size, 3)), np.uint8
+    size, channels, ndim, loader, item_shape, dtype = _reader(
+        paths, str(folder), image_size, volume_size
+    )
     info = DatasetInfo(
         name=folder.name.lower(),
         task=TaskType.MULTICLASS,
@@ -171,6 +161,24 @@ def load_unlabelled_folder(
         "size": size,
     }
     return Dataset(info=info, splits={"train": split}, size=size, provenance=provenance)
+
+
+def _reader(
+    paths: list[Path], where: str, image_size: int, volume_size: int
+) -> tuple[int, int, int, Any, tuple[int, ...], type]:
+    """(size, channels, ndim, loader, item shape, dtype) for files of one kind."""
+    kinds = [is_volume(p) for p in paths]
+    if any(kinds) and not all(kinds):
+        raise DataError(
+            f"{where} mixes 2D images ({paths[kinds.index(False)]}) and 3D volumes "
+            f"({paths[kinds.index(True)]}); use one kind per dataset"
+        )
+    if all(kinds):
+        size = volume_size
+        return size, 1, 3, partial(read_volume, size=size), (size, size, size), np.float32
+    size, channels = image_size, infer_channels(paths)
+    shape = (size, size) if channels == 1 else (size, size, 3)
+    return size, channels, 2, partial(load_image, size=size, channels=channels), shape, np.uint8
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -228,12 +236,7 @@ def _build(
     seed: int,
 ) -> Dataset:
     class_names, labels, task = _encode(tokens, multi, where)
-    kinds = [is_volume(p) for p in paths]
-    if any(kinds) and not all(kinds):
-        raise DataError(
-            f"{where} mixes 2D images ({paths[kinds.index(False)]}) and 3D volumes "
-            f"({paths[kinds.index(True)]}); use one kind per dataset"
-        )
+    size, channels, ndim, loader, item_shape, dtype = _reader(paths, where, image_size, volume_size)
     if given is None:
         idx = split_indices(labels, groups, seed)
     else:
@@ -246,14 +249,6 @@ def _build(
             check_disjoint_groups(idx, groups, where)
         if not len(idx["val"]):
             idx["train"], idx["val"] = carve_val(idx["train"], labels, groups, seed)
-    if all(kinds):
-        size, channels, ndim = volume_size, 1, 3
-        loader = partial(read_volume, size=size)
-        item_shape, dtype = (size, size, size), np.float32
-    else:
-        size, channels, ndim = image_size, infer_channels(paths), 2
-        loader = partial(load_image, size=size, channels=channels)
-        item_shape, dtype = ((size, size) if channels == 1 else (size, size, 3)), np.uint8
     info = DatasetInfo(
         name=name.lower(),
         task=task,

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,54 @@ class CheckpointDir:
             best=load_file(directory / "best.safetensors"),
             training=_load_pt(directory / "training.pt"),
         )
+
+
+def save_run_state(
+    accelerator: Any,
+    checkpoints: CheckpointDir,
+    *,
+    generator: torch.Generator,
+    model: Callable[[], dict[str, torch.Tensor]],
+    best: Callable[[], dict[str, torch.Tensor]],
+    optimizer: Any,
+    scheduler: Any,
+    meta: dict[str, Any],
+) -> None:
+    """One epoch's checkpoint under accelerate: every rank's RNG, then (main process) the model
+    and optimiser state. ``model`` and ``best`` are called on the main process only."""
+    if accelerator.is_main_process:
+        checkpoints.stage()
+    accelerator.wait_for_everyone()
+    checkpoints.write_rng(accelerator.process_index, capture_rng(generator))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        checkpoints.commit(
+            model=model(),
+            best=best(),
+            training={
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler,
+            },
+            meta={**meta, "config_hash": config_hash(meta["config"])},
+        )
+
+
+def restore_run_state(
+    accelerator: Any,
+    checkpoint: Checkpoint,
+    *,
+    generator: torch.Generator,
+    optimizer: Any,
+    scheduler: Any,
+) -> None:
+    """The optimiser, schedule, gradient scaler and this rank's RNG states of ``checkpoint``."""
+    optimizer.load_state_dict(checkpoint.training["optimizer"])
+    scheduler.load_state_dict(checkpoint.training["scheduler"])
+    if accelerator.scaler is not None and checkpoint.training["scaler"] is not None:
+        accelerator.scaler.load_state_dict(checkpoint.training["scaler"])
+    restore_rng(checkpoint.rng(accelerator.process_index), generator)
 
 
 def _load_pt(path: Path) -> Any:

@@ -31,10 +31,9 @@ from clinadapt.engine.batches import (
 )
 from clinadapt.engine.checkpoint import (
     CheckpointDir,
-    capture_rng,
-    config_hash,
     load_trainable_state,
-    restore_rng,
+    restore_run_state,
+    save_run_state,
     trainable_state,
 )
 from clinadapt.engine.curves import plot_curves, write_history
@@ -307,41 +306,33 @@ class Loop:
         )
 
     def _save(self, finished: bool) -> None:
-        acc = self.acc
         state = trainable_state(self.model)
         if self.val_loader is None:  # without validation the last epoch is the result
             self.best_epoch, self.best_state = self.epoch, state
-        if acc.is_main_process:
-            self.checkpoints.stage()
-        acc.wait_for_everyone()
-        self.checkpoints.write_rng(acc.process_index, capture_rng(self.augment.generator))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            self.checkpoints.commit(
-                model=state,
-                best=self.best_state,
-                training={
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": scaler,
-                },
-                meta={
-                    "epoch": self.epoch,
-                    "finished": finished,
-                    "history": self.history,
-                    "best_epoch": self.best_epoch,
-                    "best_score": self.best_score,
-                    "best_val": self.best_val,
-                    "bad_evals": self.bad_evals,
-                    "stopped_early": self.stopped_early,
-                    "sampler": self.sampler.state(),
-                    "config": self.resolved,
-                    "config_hash": config_hash(self.resolved),
-                },
-            )
+        save_run_state(
+            self.acc,
+            self.checkpoints,
+            generator=self.augment.generator,
+            model=lambda: state,
+            best=lambda: self.best_state,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            meta={
+                "epoch": self.epoch,
+                "finished": finished,
+                "history": self.history,
+                "best_epoch": self.best_epoch,
+                "best_score": self.best_score,
+                "best_val": self.best_val,
+                "bad_evals": self.bad_evals,
+                "stopped_early": self.stopped_early,
+                "sampler": self.sampler.state(),
+                "config": self.resolved,
+            },
+        )
+        if self.acc.is_main_process:
             write_history(self.history, self.out_dir / "history.json")
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
 
     def _restore(self) -> bool:
         """Continue from the checkpoint, if any; True when that run had already finished."""
@@ -349,11 +340,13 @@ class Loop:
         if ckpt is None:
             return False
         load_trainable_state(self.model, ckpt.model)
-        self.optimizer.load_state_dict(ckpt.training["optimizer"])
-        self.scheduler.load_state_dict(ckpt.training["scheduler"])
-        if self.acc.scaler is not None and ckpt.training["scaler"] is not None:
-            self.acc.scaler.load_state_dict(ckpt.training["scaler"])
-        restore_rng(ckpt.rng(self.acc.process_index), self.augment.generator)
+        restore_run_state(
+            self.acc,
+            ckpt,
+            generator=self.augment.generator,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
         meta = ckpt.meta
         self.sampler.load_state(meta["sampler"])
         self.epoch, self.history = meta["epoch"], meta["history"]

@@ -150,7 +150,6 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     start = time.perf_counter()
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     timings["load_backbone_s"] = time.perf_counter() - start
-    pcfg = backbone.pretrained_cfg
     preprocess = make_preprocess(backbone, cfg)
     slices = slices_volumes(dataset.info.ndim, preprocess)
     precision = resolve_precision(cfg.precision)
@@ -199,19 +198,26 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         features=features,
         labels=labels,
         provenance=dict(dataset.provenance),
-        backbone={
-            "name": backbone.name,
-            "weights": cfg.weights,
-            "weights_id": backbone.weights_id,
-            "is_pretrained": backbone.is_pretrained,
-            "feature_dim": backbone.feature_dim,
-            "source": pcfg.source,
-            "parameters": sum(p.numel() for p in backbone.parameters()),
-        },
+        backbone=backbone_summary(
+            backbone, cfg.weights, sum(p.numel() for p in backbone.parameters())
+        ),
         preprocessing={**protocol, "precision": precision},
         timings=timings,
         cache_hits=hits,
     )
+
+
+def backbone_summary(backbone: Any, weights: str, parameters: int) -> dict[str, Any]:
+    """The ``backbone`` block of a run record."""
+    return {
+        "name": backbone.name,
+        "weights": weights,
+        "weights_id": backbone.weights_id,
+        "is_pretrained": backbone.is_pretrained,
+        "feature_dim": backbone.feature_dim,
+        "source": backbone.pretrained_cfg.source,
+        "parameters": parameters,
+    }
 
 
 def sample_support(cfg: ExperimentConfig, info: DatasetInfo, labels: np.ndarray) -> tuple:

@@ -11,6 +11,7 @@ import numpy as np
 from clinadapt.config import from_dict, to_dict
 from clinadapt.runner.experiment import (
     ExperimentConfig,
+    backbone_summary,
     dataset_summary,
     make_preprocess,
     peak_memory_mb,
@@ -96,15 +97,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         "dataset": dataset_summary(
             info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
         ),
-        "backbone": {
-            "name": backbone.name,
-            "weights": cfg.weights,
-            "weights_id": backbone.weights_id,
-            "is_pretrained": backbone.is_pretrained,
-            "feature_dim": backbone.feature_dim,
-            "source": backbone.pretrained_cfg.source,
-            "parameters": model.base_parameters,
-        },
+        "backbone": backbone_summary(backbone, cfg.weights, model.base_parameters),
         "preprocessing": {
             **preprocess.describe(),
             "source_size": dataset.size,

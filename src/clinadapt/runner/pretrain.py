@@ -81,7 +81,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     _export(plain, cfg, backbone, spec, weights_dir)
     total = sum(p.numel() for p in plain.parameters())
     from clinadapt.backbones.weights import file_sha256
-    from clinadapt.runner.experiment import dataset_summary
+    from clinadapt.runner.experiment import backbone_summary, dataset_summary
 
     return {
         "record_version": RECORD_VERSION,
@@ -92,14 +92,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
             for d in datasets
         ],
         "train_images": len(images),
-        "backbone": {
-            "name": backbone.name,
-            "weights": cfg.weights,
-            "weights_id": backbone.weights_id,
-            "is_pretrained": backbone.is_pretrained,
-            "feature_dim": backbone.feature_dim,
-            "parameters": total,
-        },
+        "backbone": backbone_summary(backbone, cfg.weights, total),
         "preprocessing": {**preprocess.describe(), "precision": precision},
         "method": {
             "name": cfg.method,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from clinadapt.engine.batches import EpochSampler
-from clinadapt.engine.checkpoint import CheckpointDir, capture_rng, config_hash, restore_rng
+from clinadapt.engine.checkpoint import CheckpointDir, restore_run_state, save_run_state
 from clinadapt.engine.curves import plot_curves, write_history
 from clinadapt.engine.features import memory_format_for
 from clinadapt.engine.loop import device_peak_memory_mb
@@ -249,33 +249,25 @@ class _Loop:
         }
 
     def _save(self, finished: bool) -> None:
-        acc = self.acc
-        if acc.is_main_process:
-            self.checkpoints.stage()
-        acc.wait_for_everyone()
-        self.checkpoints.write_rng(acc.process_index, capture_rng(self.views.generator))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            self.checkpoints.commit(
-                model=self._state(),
-                best={},
-                training={
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": scaler,
-                },
-                meta={
-                    "epoch": self.epoch,
-                    "finished": finished,
-                    "history": self.history,
-                    "sampler": self.sampler.state(),
-                    "config": self.resolved,
-                    "config_hash": config_hash(self.resolved),
-                },
-            )
+        save_run_state(
+            self.acc,
+            self.checkpoints,
+            generator=self.views.generator,
+            model=self._state,
+            best=dict,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            meta={
+                "epoch": self.epoch,
+                "finished": finished,
+                "history": self.history,
+                "sampler": self.sampler.state(),
+                "config": self.resolved,
+            },
+        )
+        if self.acc.is_main_process:
             write_history(self.history, self.out_dir / "history.json")
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
 
     def _restore(self) -> bool:
         """Continue from the checkpoint, if any; True when that run had already finished."""
@@ -283,11 +275,13 @@ class _Loop:
         if ckpt is None:
             return False
         self.model.load_state_dict(ckpt.model)
-        self.optimizer.load_state_dict(ckpt.training["optimizer"])
-        self.scheduler.load_state_dict(ckpt.training["scheduler"])
-        if self.acc.scaler is not None and ckpt.training["scaler"] is not None:
-            self.acc.scaler.load_state_dict(ckpt.training["scaler"])
-        restore_rng(ckpt.rng(self.acc.process_index), self.views.generator)
+        restore_run_state(
+            self.acc,
+            ckpt,
+            generator=self.views.generator,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
         self.sampler.load_state(ckpt.meta["sampler"])
         self.epoch, self.history = ckpt.meta["epoch"], ckpt.meta["history"]
         return bool(ckpt.meta["finished"]) or self.epoch >= self.config.epochs
