@@ -126,9 +126,10 @@ def pretraining_summary(out: Path, name: str) -> dict[str, Any]:
     return {
         "config": {k: record["config"][k] for k in ("data", "backbone", "weights", "method")},
         "epochs": len(history),
-        "minutes": record["timings"]["train_s"] / 60,
+        "minutes": sum(h["seconds"] for h in history) / 60,  # over resumed sessions too
         "train_images": record["train_images"],
         "trainable_parameters": record["method"]["trainable_parameters"],
+        "trainable_percent_of_backbone": record["method"]["trainable_percent_of_backbone"],
         "loss": [round(h["loss"], 4) for h in history],
         "knn_val_auc": [round(h["knn_auc"], 4) for h in history if h.get("knn_auc") is not None],
         "monitor": record["monitor"],
