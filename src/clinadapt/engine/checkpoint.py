@@ -192,9 +192,13 @@ def save_run_state(
     optimizer: Any,
     scheduler: Any,
     meta: dict[str, Any],
+    history_file: Path,
 ) -> None:
     """One epoch's checkpoint under accelerate: every rank's RNG, then (main process) the model
-    and optimiser state. ``model`` and ``best`` are called on the main process only."""
+    and optimiser state and ``meta["history"]`` as ``history_file``. ``model`` and ``best`` are
+    called on the main process only."""
+    from clinadapt.engine.curves import write_history
+
     if accelerator.is_main_process:
         checkpoints.stage()
     accelerator.wait_for_everyone()
@@ -212,6 +216,8 @@ def save_run_state(
             },
             meta={**meta, "config_hash": config_hash(meta["config"])},
         )
+        write_history(meta["history"], history_file)
+    accelerator.wait_for_everyone()
 
 
 def restore_run_state(

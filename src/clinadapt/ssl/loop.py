@@ -264,10 +264,8 @@ class _Loop:
                 "sampler": self.sampler.state(),
                 "config": self.resolved,
             },
+            history_file=self.out_dir / "history.json",
         )
-        if self.acc.is_main_process:
-            write_history(self.history, self.out_dir / "history.json")
-        self.acc.wait_for_everyone()
 
     def _restore(self) -> bool:
         """Continue from the checkpoint, if any; True when that run had already finished."""
