@@ -1,7 +1,9 @@
-"""Synthetic frozen features: well-separated Gaussian clusters for every task type."""
+"""Shared fixtures: one torch thread for tiny models, and synthetic frozen features (well-separated
+Gaussian clusters for every task type)."""
 
 import numpy as np
 import pytest
+import torch
 
 from clinadapt.data.info import TaskType
 
@@ -28,6 +30,15 @@ def separable(task: TaskType, n: int, seed: int, dim: int = 16, shift: float = 4
     features = rng.normal(size=(n, dim))
     features[:, :c] += shift * signal
     return features, labels
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on shared CPUs: thread contention costs more than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

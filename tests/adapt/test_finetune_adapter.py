@@ -14,14 +14,6 @@ from clinadapt.errors import ClinadaptError
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def adapt(backbone, options=None):
     method = create_method("adapter", options)
     return method.apply(AdaptedModel(backbone, 3)).eval(), method

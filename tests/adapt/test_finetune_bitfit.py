@@ -1,19 +1,10 @@
 """BitFit trains biases (and norm parameters) only; full fine-tuning trains everything."""
 
 import pytest
-import torch
 
 from clinadapt.adapt import AdaptedModel, create_method
 from clinadapt.adapt.finetune import is_norm
 from clinadapt.backbones import create_backbone
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trainable(backbone, name, options=None):

@@ -27,15 +27,6 @@ CASES = [(m, b) for m in FINETUNE for b in BACKBONES]
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on shared CPUs: thread contention costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _base(name):
     return create_backbone(name, "none")

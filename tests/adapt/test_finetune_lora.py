@@ -13,14 +13,6 @@ from clinadapt.errors import ClinadaptError
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def wrap(module: nn.Module, dim: int) -> Backbone:
     return Backbone(
         "tiny", module.eval().requires_grad_(False), dim, PretrainedConfig(32), "x", False

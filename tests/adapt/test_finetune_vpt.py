@@ -13,14 +13,6 @@ PATCHES = 4  # 32 px images, 16 px patches
 DEPTH, DIM = 6, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def timm_vit(**kwargs) -> Backbone:
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", num_classes=0, img_size=32, **kwargs)

@@ -12,6 +12,16 @@ from clinadapt.runner.bench import GridConfig, run_grid
 from clinadapt.runner.export import export_run
 from clinadapt.runner.predict import load_run, predict_files
 
+LORA = [
+    "--dataset",
+    "synthetic-binary",
+    "--backbone",
+    "test_vit",
+    "--weights",
+    "none",
+    "--method",
+    "lora",
+]
 TRAIN = ["train.epochs=2", "train.batch_size=16", "bootstrap=20", "--quiet"]
 
 
@@ -21,14 +31,7 @@ def lora_run(tmp_path_factory):
     code = main(
         [
             "train",
-            "--dataset",
-            "synthetic-binary",
-            "--backbone",
-            "test_vit",
-            "--weights",
-            "none",
-            "--method",
-            "lora",
+            *LORA,
             "--shots",
             "20",
             "--out",
@@ -56,14 +59,7 @@ def test_train_refuses_to_overwrite_a_finished_run(lora_run, capsys):
     code = main(
         [
             "train",
-            "--dataset",
-            "synthetic-binary",
-            "--backbone",
-            "test_vit",
-            "--weights",
-            "none",
-            "--method",
-            "lora",
+            *LORA,
             "--out",
             str(lora_run),
             *TRAIN,

@@ -248,7 +248,16 @@ class Loop:
                 size = torch.tensor(float(len(y)), device=loss.device)
                 stats = acc.gather(torch.stack([loss.detach() * size, size])[None]).double()
                 if not torch.isfinite(stats[:, 0]).all():
-                    raise self._diverged(epoch, step, stats[:, 0], lr)
+                    raise divergence_error(
+                        "training",
+                        epoch,
+                        step,
+                        stats[:, 0],
+                        lr,
+                        self.resolved["precision"],
+                        self.epoch,
+                        self.checkpoints.root,
+                    )
                 acc.backward(loss)
                 if acc.sync_gradients and config.clip_grad_norm > 0:
                     acc.clip_grad_norm_(self.trainable, config.clip_grad_norm)
@@ -292,18 +301,6 @@ class Loop:
         self.bad_evals += 1
         patience = self.config.early_stopping_patience
         self.stopped_early = patience > 0 and self.bad_evals >= patience
-
-    def _diverged(self, epoch: int, step: int, losses: torch.Tensor, lr: float) -> ClinadaptError:
-        kept = (
-            f"the last good checkpoint (epoch {self.epoch}) is in {self.checkpoints.root}"
-            if self.epoch
-            else "no checkpoint had been written yet"
-        )
-        return ClinadaptError(
-            f"training diverged: the loss is {losses.tolist()} at epoch {epoch}, step {step}. "
-            f"Lower the learning rate (lr={lr:g} now) or train in full precision "
-            f"(precision='fp32'; this run used {self.resolved['precision']}); {kept}"
-        )
 
     def _save(self, finished: bool) -> None:
         state = trainable_state(self.model)
@@ -352,6 +349,29 @@ class Loop:
         self.best_val, self.best_state = meta["best_val"], ckpt.best
         self.bad_evals, self.stopped_early = meta["bad_evals"], meta["stopped_early"]
         return meta["finished"]
+
+
+def divergence_error(
+    what: str,
+    epoch: int,
+    step: int,
+    losses: torch.Tensor,
+    lr: float,
+    precision: str,
+    last_epoch: int,
+    checkpoint_dir: Path,
+) -> ClinadaptError:
+    """What to tell the user when the loss stopped being finite, and what was kept."""
+    kept = (
+        f"the last good checkpoint (epoch {last_epoch}) is in {checkpoint_dir}"
+        if last_epoch
+        else "no checkpoint had been written yet"
+    )
+    return ClinadaptError(
+        f"{what} diverged: the loss is {losses.tolist()} at epoch {epoch}, step {step}. "
+        f"Lower the learning rate (lr={lr:g} now) or train in full precision "
+        f"(precision='fp32'; this run used {precision}); {kept}"
+    )
 
 
 def device_peak_memory_mb(device: torch.device) -> float:

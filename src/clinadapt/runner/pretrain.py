@@ -23,8 +23,10 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     """Pretrain ``cfg.backbone`` with ``cfg.method``; write ``run_dir/backbone`` and return the
     run record (the caller writes it)."""
     from clinadapt.backbones import create_backbone, get_spec
+    from clinadapt.engine.batches import is_grayscale
     from clinadapt.engine.features import resolve_device
     from clinadapt.engine.train import training_precision
+    from clinadapt.runner.experiment import make_preprocess
     from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
     from clinadapt.ssl import SSL_METHODS, create_pretrain_model
     from clinadapt.ssl.loop import UnlabelledImages, pretrain, resolved_config
@@ -35,7 +37,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     spec = get_spec(cfg.backbone)
     datasets = _load(cfg, spec)
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
-    preprocess = _preprocess(backbone, cfg)
+    preprocess = make_preprocess(backbone, cfg)
     encoder = backbone.model.train().requires_grad_(True)
     lora_targets: list[str] = []
     with torch.random.fork_rng():  # LoRA factors, heads and decoders start the same for a seed
@@ -45,7 +47,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
             backbone.model = encoder
         model = create_pretrain_model(cfg.method, encoder, backbone.feature_dim, cfg.method_options)
     # colour jitter only when every pooled image is colour: it would tint grayscale scans
-    grayscale = any(_grayscale(d) for d in datasets)
+    grayscale = any(is_grayscale(d["train"].images, d.info.ndim == 3) for d in datasets)
     views = resolve_views(model.views, cfg.view_options, grayscale=grayscale)
     views = _fit_local_views(encoder, views, preprocess, spec.ndim)
     precision = training_precision(
@@ -152,12 +154,6 @@ def _load(cfg: PretrainConfig, spec: Any) -> list[Any]:
     return datasets
 
 
-def _preprocess(backbone: Any, cfg: PretrainConfig) -> Any:
-    from clinadapt.runner.experiment import make_preprocess
-
-    return make_preprocess(backbone, cfg)
-
-
 def _fit_local_views(encoder: nn.Module, views: Any, preprocess: Any, ndim: int) -> Any:
     """Local crops (DINO's multi-crop) at a size the encoder takes: a multiple of a ViT's patch,
     and timm ViTs switched to resampling their position embeddings for other sizes."""
@@ -199,11 +195,6 @@ def _allow_other_sizes(encoder: nn.Module) -> None:
         encoder.dynamic_img_size = True
         embed = encoder.patch_embed
         embed.strict_img_size, embed.flatten, embed.output_fmt = False, False, Format.NHWC
-
-
-def _grayscale(dataset: Any) -> bool:
-    first = np.asarray(dataset["train"].images[0])
-    return dataset.info.ndim == 3 or first.ndim == 2 or first.shape[-1] == 1
 
 
 def _with_lora(encoder: nn.Module, cfg: PretrainConfig, name: str) -> tuple[nn.Module, list[str]]:

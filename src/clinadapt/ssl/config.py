@@ -102,7 +102,7 @@ class PretrainConfig:
                 )
         if self.device not in ("auto", "cpu"):
             raise ConfigError(f"device must be auto or cpu, got {self.device!r}")
-        for key in ("epochs", "batch_size", "monitor_every", "monitor_max_train"):
+        for key in ("epochs", "monitor_every", "monitor_max_train"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.batch_size < 2:

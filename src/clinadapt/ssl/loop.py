@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,10 @@ from clinadapt.engine.batches import EpochSampler
 from clinadapt.engine.checkpoint import CheckpointDir, restore_run_state, save_run_state
 from clinadapt.engine.curves import plot_curves, write_history
 from clinadapt.engine.features import memory_format_for
-from clinadapt.engine.loop import device_peak_memory_mb
+from clinadapt.engine.loop import device_peak_memory_mb, divergence_error
 from clinadapt.engine.runtime import accelerator_session, deterministic_kernels
 from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
-from clinadapt.errors import ClinadaptError, DataError
+from clinadapt.errors import DataError
 from clinadapt.ssl.base import PretrainModel
 from clinadapt.ssl.config import PretrainConfig
 from clinadapt.ssl.views import ViewGenerator
@@ -49,9 +49,6 @@ class PretrainResult:
     peak_memory_mb: float
     precision: str
     trainable_parameters: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class UnlabelledImages(Dataset):
@@ -215,7 +212,16 @@ class _Loop:
             loss = self.net(views, epoch - 1)
             stats = acc.gather(torch.stack([loss.detach().float(), loss.new_ones(())])[None])
             if not torch.isfinite(stats[:, 0]).all():
-                raise self._diverged(epoch, step, stats[:, 0], lr)
+                raise divergence_error(
+                    "pretraining",
+                    epoch,
+                    step,
+                    stats[:, 0],
+                    lr,
+                    self.resolved["precision"],
+                    self.epoch,
+                    self.checkpoints.root,
+                )
             acc.backward(loss)
             self.model.before_optimizer_step(epoch - 1)
             if config.clip_grad_norm > 0:
@@ -229,18 +235,6 @@ class _Loop:
             bar.set_postfix(loss=f"{total[0] / total[1]:.4f}")
         bar.close()
         return {"loss": float(total[0] / total[1]), "lr": lr}
-
-    def _diverged(self, epoch: int, step: int, losses: torch.Tensor, lr: float) -> ClinadaptError:
-        kept = (
-            f"the last good checkpoint (epoch {self.epoch}) is in {self.checkpoints.root}"
-            if self.epoch
-            else "no checkpoint had been written yet"
-        )
-        return ClinadaptError(
-            f"pretraining diverged: the loss is {losses.tolist()} at epoch {epoch}, step {step}. "
-            f"Lower the learning rate (lr={lr:g} now) or use precision=fp32 (this run used "
-            f"{self.resolved['precision']}); {kept}"
-        )
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {
