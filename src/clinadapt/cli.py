@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from clinadapt.errors import ChecksumWarning, ClinadaptError
+from clinadapt.errors import ChecksumWarning, ClinadaptError, ConfigError
 
-GRID_AXES = ("dataset", "backbone", "weights", "method", "shots", "seed")
 NESTED = ("method_options", "train", "view_options")  # method.K=V, train.K=V, views.K=V
+PER_METHOD = "per_method_options"  # method.NAME.K=V: an option of one method in a grid
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple = ()) -> None:
@@ -48,13 +48,17 @@ def _collect(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str,
 
 
 def _split_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` overrides; ``method.k=10`` and ``train.epochs=5`` set nested options."""
+    """``key=value`` overrides; ``method.k=10`` and ``train.epochs=5`` set nested options,
+    ``method.knn.k=10`` an option of one method."""
     from clinadapt.config import parse_overrides
 
     parsed = parse_overrides(items)
     out: dict[str, Any] = {}
     for key, value in parsed.items():
-        if key.startswith("method."):
+        if key.startswith("method.") and key.count(".") == 2:
+            _, method, option = key.split(".")
+            out.setdefault(PER_METHOD, {}).setdefault(method, {})[option] = value
+        elif key.startswith("method."):
             out.setdefault("method_options", {})[key.removeprefix("method.")] = value
         elif key.startswith("train."):
             out.setdefault("train", {})[key.removeprefix("train.")] = value
@@ -73,6 +77,16 @@ def _config_from_args(args: argparse.Namespace, cls: type) -> Any:
     options = load_yaml(args.config) if args.config else {}
     options.update(_collect(args, cls))
     overrides = _split_overrides(args.overrides)
+    per_method = overrides.pop(PER_METHOD, {})
+    if per_method:
+        method = options.get("method", overrides.get("method"))
+        other = sorted(set(per_method) - {method})
+        if other:
+            raise ConfigError(
+                f"options for method(s) {other} given, but this run's method is {method!r}; "
+                "use method.OPTION=VALUE for a single run"
+            )
+        overrides.setdefault("method_options", {}).update(per_method[method])
     for nested in NESTED:
         if nested in overrides:
             options[nested] = {**options.get(nested, {}), **overrides.pop(nested)}
@@ -179,6 +193,7 @@ def _grid_from_args(args: argparse.Namespace):
     from clinadapt.config import from_dict, load_yaml
     from clinadapt.runner.bench import GridConfig
     from clinadapt.runner.experiment import ExperimentConfig
+    from clinadapt.runner.identity import GRID_AXES
 
     options = load_yaml(args.config) if args.config else {}
     for axis in ("datasets", "backbones", "weights", "methods", "shots"):
@@ -189,7 +204,11 @@ def _grid_from_args(args: argparse.Namespace):
         options["seeds"] = args.seeds
     base = dict(options.get("base", {}))
     base.update(_collect(args, ExperimentConfig, skip=GRID_AXES))
-    base.update(_split_overrides(args.overrides))
+    overrides = _split_overrides(args.overrides)
+    per_method = options.setdefault("method_options", {})
+    for method, values in overrides.pop(PER_METHOD, {}).items():
+        per_method[method] = {**per_method.get(method, {}), **values}
+    base.update(overrides)
     options["base"] = base
     return from_dict(GridConfig, options, where="bench")
 
@@ -200,9 +219,10 @@ def _run_grid_and_report(grid, out: Path, progress: bool) -> int:
     from clinadapt.runner.report import build_report, markdown_table, summarise
 
     counts = run_grid(grid, out, progress=progress)
+    claimed = f", {counts['claimed']} left to another bench" if counts["claimed"] else ""
     print(
         f"{counts['done']} runs done, {counts['skipped']} already done (skipped), "
-        f"{counts['failed']} failed, of {counts['total']}; records in {out}"
+        f"{counts['failed']} failed{claimed}, of {counts['total']}; records in {out}"
     )
     paths = build_report(out)
     print(markdown_table(summarise(read_records(out))))
@@ -271,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clinadapt import __version__
     from clinadapt.runner.bench import GridConfig
     from clinadapt.runner.experiment import ExperimentConfig
+    from clinadapt.runner.identity import GRID_AXES
     from clinadapt.ssl.config import PretrainConfig
 
     parser = argparse.ArgumentParser(

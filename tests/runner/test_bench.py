@@ -73,12 +73,12 @@ def test_grid_expands_every_combination():
 def test_bench_is_resumable(tmp_path, monkeypatch):
     grid = tiny_grid()
     counts = run_grid(grid, tmp_path, progress=False)
-    assert counts == {"total": 8, "skipped": 0, "done": 8, "failed": 0}
+    assert counts == {"total": 8, "skipped": 0, "done": 8, "failed": 0, "claimed": 0}
     # simulate an interrupted run: one record missing, the rest are kept and skipped
     missing = record_path(tmp_path, expand(grid)[3])
     missing.unlink()
     counts = run_grid(grid, tmp_path, progress=False)
-    assert counts == {"total": 8, "skipped": 7, "done": 1, "failed": 0}
+    assert counts == {"total": 8, "skipped": 7, "done": 1, "failed": 0, "claimed": 0}
     assert missing.exists()
 
 

@@ -24,6 +24,8 @@ class FrozenFeatureMethod(ABC):
     kind: ClassVar[str] = "frozen"
     config_cls: ClassVar[type]
     description: ClassVar[str] = ""
+    uses_validation: ClassVar[bool] = False
+    """Whether ``fit`` chooses anything on ``val``: its labels then count as used."""
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

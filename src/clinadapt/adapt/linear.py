@@ -91,6 +91,7 @@ class LinearProbe(FrozenFeatureMethod):
 
     config_cls = LinearConfig
     description = "logistic-regression probe on standardised features, C chosen on validation"
+    uses_validation = True
     config: LinearConfig
 
     def __init__(self, config: LinearConfig | None = None) -> None:

@@ -24,8 +24,9 @@ class Backbone(nn.Module):
     """A frozen-feature extractor: ``embed(images) -> [B, feature_dim]``.
 
     ``weights_id`` identifies the weights exactly (``none``, a sha256 of a local file, or the hub
-    tag) and is part of every feature-cache key. ``is_pretrained`` is False for random
-    initialisation, which reports mark as an untrained control.
+    tag) and, with ``model_kwargs`` (constructor options such as a weights folder's
+    ``create_model_kwargs``), is part of every feature-cache key. ``is_pretrained`` is False for
+    random initialisation, which reports mark as an untrained control.
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class Backbone(nn.Module):
         pretrained_cfg: PretrainedConfig,
         weights_id: str,
         is_pretrained: bool,
+        model_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -44,6 +46,7 @@ class Backbone(nn.Module):
         self.pretrained_cfg = pretrained_cfg
         self.weights_id = weights_id
         self.is_pretrained = is_pretrained
+        self.model_kwargs = dict(model_kwargs or {})
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features for a normalised batch of shape (B, C, H, W)."""

@@ -73,6 +73,7 @@ def create_backbone(
         pretrained_cfg=cfg,
         weights_id=weights_id,
         is_pretrained=weights != "none",
+        model_kwargs=spec.kwargs,
     )
     return backbone.eval()
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
-import time
-import traceback
-from collections.abc import Callable
+import os
+import socket
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm.auto import tqdm
 
-from clinadapt.errors import ClinadaptError
+from clinadapt.errors import ClinadaptError, ConfigError
+from clinadapt.runner.common import weights_tag
 from clinadapt.runner.experiment import (
     ExperimentConfig,
     FeatureBundle,
@@ -23,9 +25,9 @@ from clinadapt.runner.experiment import (
     prepare_features,
     run_experiment,
     run_on_features,
-    weights_tag,
 )
-from clinadapt.runner.records import write_json_atomic
+from clinadapt.runner.identity import bundle_key, run_id
+from clinadapt.runner.records import failure_record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,18 @@ class GridConfig:
     base: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "other ExperimentConfig options for every run"}
     )
+    method_options: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "options of one method (method.NAME.OPTION=VALUE); a list of values, or "
+            "comma-separated values, for a one-value option is a grid over them"
+        },
+    )
 
 
 def record_path(out_dir: Path, cfg: ExperimentConfig) -> Path:
-    """Where a run's record lives; its existence marks the run as done (resume)."""
+    """Where a run's record lives: readable axes, then the run's identity (a hash of its whole
+    resolved configuration), so a rerun with any other option is a new run."""
     dataset = Path(cfg.dataset).name if ("/" in cfg.dataset) else cfg.dataset
     backbone = cfg.backbone.replace(":", "-").replace("/", "-")
     return (
@@ -65,7 +75,7 @@ def record_path(out_dir: Path, cfg: ExperimentConfig) -> Path:
         / backbone
         / weights_tag(cfg.weights)
         / cfg.method
-        / f"shots-{cfg.shots}_seed-{cfg.seed}.json"
+        / f"shots-{cfg.shots}_seed-{cfg.seed}_{run_id(cfg)}.json"
     )
 
 
@@ -77,24 +87,89 @@ def is_done(path: Path) -> bool:
         return False
 
 
+def _option_values(config_cls: type, name: str, value: Any, method: str) -> list[Any]:
+    """The values a grid takes for one method option: a list (or comma-separated text) for an
+    option that holds one value is a grid over them; an option that holds a list is a grid only
+    when given a list of lists."""
+    from clinadapt.registry import did_you_mean
+
+    hints = typing.get_type_hints(config_cls)
+    if name not in hints:
+        raise ConfigError(
+            f"{name!r} is not an option of method {method!r} (its options: {sorted(hints)})."
+            f"{did_you_mean(name, list(hints))}"
+        )
+    hint = hints[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    holds_list = typing.get_origin(hint) in (list, tuple) or any(
+        typing.get_origin(a) in (list, tuple) for a in args
+    )
+    if holds_list:
+        several = isinstance(value, list) and value and all(isinstance(v, list) for v in value)
+        return list(value) if several else [value]
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str) and "," in value:
+        return [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def _method_option_sets(grid: GridConfig, method: str) -> Iterator[dict[str, Any]]:
+    """Every combination of the options set for ``method``: shared ones, then its own."""
+    from clinadapt.adapt import METHODS
+
+    config_cls = METHODS.get(method).config_cls
+    shared = dict(grid.base.get("method_options") or {})
+    for name in shared:
+        hints = typing.get_type_hints(config_cls)
+        if name not in hints:
+            raise ConfigError(
+                f"method option {name!r} was given for every method, but {method!r} has no "
+                f"such option (its options: {sorted(hints)}); set it for one method, e.g. "
+                f"method.knn.{name}=VALUE"
+            )
+    options = {**shared, **grid.method_options.get(method, {})}
+    names = sorted(options)
+    values = [_option_values(config_cls, n, options[n], method) for n in names]
+    for combo in itertools.product(*values):
+        yield dict(zip(names, combo, strict=True))
+
+
 def expand(grid: GridConfig) -> list[ExperimentConfig]:
     """All runs of the grid, ordered so that runs sharing features are adjacent."""
     from clinadapt.config import from_dict
 
+    unknown = sorted(set(grid.method_options) - set(grid.methods))
+    if unknown:
+        raise ConfigError(
+            f"options given for method(s) {unknown}, which the grid does not run "
+            f"(methods: {grid.methods})"
+        )
+    trained = [m for m in grid.methods if method_kind(m) == "finetune"]
+    if grid.base.get("train") and not trained:
+        raise ConfigError(
+            "train.* options apply to gradient-based methods (lora, adapter, vpt, bitfit, full), "
+            f"and the grid runs none of them (methods: {grid.methods})"
+        )
     runs = []
     for dataset, backbone, weights, method, shots, seed in itertools.product(
         grid.datasets, grid.backbones, grid.weights, grid.methods, grid.shots, range(grid.seeds)
     ):
-        options = {
-            **grid.base,
-            "dataset": dataset,
-            "backbone": backbone,
-            "weights": weights,
-            "method": method,
-            "shots": str(shots),
-            "seed": seed,
-        }
-        runs.append(from_dict(ExperimentConfig, options, where="bench"))
+        base = dict(grid.base)
+        if method not in trained:
+            base.pop("train", None)
+        for method_options in _method_option_sets(grid, method):
+            options = {
+                **base,
+                "dataset": dataset,
+                "backbone": backbone,
+                "weights": weights,
+                "method": method,
+                "method_options": method_options,
+                "shots": str(shots),
+                "seed": seed,
+            }
+            runs.append(from_dict(ExperimentConfig, options, where="bench"))
     return runs
 
 
@@ -114,20 +189,50 @@ def validate_names(grid: GridConfig) -> None:
         METHODS.get(name)
 
 
-def _feature_key(cfg: ExperimentConfig) -> tuple:
-    shared = dataclasses.asdict(cfg)
-    for name in (
-        "method",
-        "method_options",
-        "shots",
-        "seed",
-        "allow_fewer_shots",
-        "bootstrap",
-        "train",
-        "resume",
-    ):
-        shared.pop(name)
-    return tuple(sorted((k, repr(v)) for k, v in shared.items()))
+class RunClaim:
+    """A lock file beside a run's record, so that two benches on one folder never compute the
+    same run; a claim whose process is gone (killed) is taken over."""
+
+    def __init__(self, record: Path) -> None:
+        self.path = record.with_name(record.name + ".lock")
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    return False
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.owner)
+            return True
+        return False
+
+    def _stale(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return True  # empty or unreadable: its writer died while creating it
+        if host != socket.gethostname():
+            return False  # cannot tell from here; the owner removes it when done
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text() == self.owner:
+                self.path.unlink()
+        except OSError:
+            pass
 
 
 def run_grid(
@@ -139,37 +244,63 @@ def run_grid(
 ) -> dict[str, int]:
     """Run every experiment of ``grid`` whose record does not exist yet.
 
-    A failing run (e.g. too few examples for the requested shots) is written as a failure record
-    with its error message, so the grid goes on and the report can say what failed and why; the
-    next call retries it.
+    A failing run (too few examples for the requested shots, or an unexpected error) is written
+    as a failure record with its error message, so the grid goes on and the report can say what
+    failed and why; the next call retries it. A run another bench is computing is left to it.
     """
     out = Path(out_dir)
     validate_names(grid)
     runs = expand(grid)
     todo = [cfg for cfg in runs if not is_done(record_path(out, cfg))]
-    counts = {"total": len(runs), "skipped": len(runs) - len(todo), "done": 0, "failed": 0}
-    bundles: dict[tuple, FeatureBundle | ClinadaptError] = {}
+    counts = {
+        "total": len(runs),
+        "skipped": len(runs) - len(todo),
+        "done": 0,
+        "failed": 0,
+        "claimed": 0,
+    }
+    bundles: dict[str, FeatureBundle | Exception] = {}
     bar = tqdm(todo, desc="bench", unit="run", disable=not progress)
     for cfg in bar:
         bar.set_postfix_str(f"{cfg.dataset}/{cfg.backbone}/{cfg.method}/{cfg.shots}/s{cfg.seed}")
         path = record_path(out, cfg)
+        claim = RunClaim(path)
+        if not claim.acquire():
+            log.warning("run %s is being computed by another bench; left to it", path)
+            counts["claimed"] += 1
+            continue
         try:
-            record = _run_one(cfg, path, bundles, progress)
-            counts["done"] += 1
-        except ClinadaptError as err:
-            log.warning("run %s failed: %s", path.relative_to(out), err)
-            record = _failure_record(cfg, err)
-            counts["failed"] += 1
-        write_json_atomic(path, record)
+            if is_done(path):  # finished by another bench since this one started
+                counts["skipped"] += 1
+                continue
+            try:
+                record = _run_one(cfg, path, bundles, progress)
+                counts["done"] += 1
+            except Exception as err:  # one bad run must not lose the others
+                if not isinstance(err, ClinadaptError):
+                    log.exception("run %s failed unexpectedly", path.relative_to(out))
+                else:
+                    log.warning("run %s failed: %s", path.relative_to(out), err)
+                record = failure_record(method_kind(cfg.method), _config(cfg), err)
+                counts["failed"] += 1
+            write_json_atomic(path, record)
+        finally:
+            claim.release()
         if on_record is not None:
             on_record(record)
     return counts
 
 
+def _config(cfg: ExperimentConfig) -> dict[str, Any]:
+    from clinadapt.config import to_dict
+
+    return to_dict(cfg)
+
+
 def _run_one(
     cfg: ExperimentConfig,
     path: Path,
-    bundles: dict[tuple, FeatureBundle | ClinadaptError],
+    bundles: dict[str, FeatureBundle | Exception],
     progress: bool,
 ) -> dict[str, Any]:
     """One run of the grid; frozen-feature runs share the features held in ``bundles``."""
@@ -177,30 +308,14 @@ def _run_one(
         run_dir = path.with_suffix("")
         cfg.resume = (run_dir / "checkpoint").exists()
         return run_experiment(cfg, run_dir=run_dir, progress=progress)
-    key = _feature_key(cfg)
+    key = bundle_key(cfg)
     if key not in bundles:
         bundles.clear()  # keep one feature set in memory at a time
         try:
             bundles[key] = prepare_features(cfg, progress=progress)
-        except ClinadaptError as err:  # every run sharing these features fails the same way
+        except Exception as err:  # every run sharing these features fails the same way
             bundles[key] = err
     bundle = bundles[key]
-    if isinstance(bundle, ClinadaptError):
+    if isinstance(bundle, Exception):
         raise bundle
-    start = time.perf_counter()
-    record = run_on_features(cfg, bundle)
-    record["timings"]["total_s"] = time.perf_counter() - start + sum(bundle.timings.values())
-    return record
-
-
-def _failure_record(cfg: ExperimentConfig, err: Exception) -> dict[str, Any]:
-    from clinadapt.config import to_dict
-    from clinadapt.runner.records import RECORD_VERSION
-
-    return {
-        "record_version": RECORD_VERSION,
-        "config": to_dict(cfg),
-        "failed": True,
-        "error": f"{type(err).__name__}: {err}",
-        "traceback": traceback.format_exception_only(type(err), err),
-    }
+    return run_on_features(cfg, bundle)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,78 +11,105 @@ import numpy as np
 
 from clinadapt.config import to_dict
 from clinadapt.data.info import DatasetInfo
+from clinadapt.runner.common import (
+    backbone_summary,
+    dataset_summary,
+    labels_used,
+    make_preprocess,
+    protocol,
+    sample_support,
+    sample_validation,
+)
 
-PROTOCOL_NOTES = {
-    "nearest": "MedMNIST v2 protocol: images upsampled to the backbone size by nearest neighbour",
-    "bilinear": "images resized to the backbone size with bilinear interpolation",
-    "pad": "MedMNIST+ protocol: images zero-padded into the backbone canvas without resizing",
-}
+EXTRACTION_BATCH = 64
+
+
+def _opt(default: Any, scope: str, help_text: str, **kw: Any) -> Any:
+    """A config field; ``scope`` says what it decides (see ``runner.identity``)."""
+    return field(default=default, metadata={"help": help_text, "scope": scope}, **kw)
 
 
 @dataclass
 class ExperimentConfig:
-    dataset: str = field(
-        default="breastmnist",
-        metadata={"help": "MedMNIST name, synthetic-* name, image folder or CSV manifest"},
+    dataset: str = _opt(
+        "breastmnist", "features", "MedMNIST name, synthetic-* name, image folder or CSV manifest"
     )
-    data_root: str | None = field(
-        default=None, metadata={"help": "folder with the .npz files (default: $CLINADAPT_DATA)"}
+    data_root: str | None = _opt(
+        None, "place", "folder with the .npz files (default: $CLINADAPT_DATA)"
     )
-    size: int = field(default=28, metadata={"help": "MedMNIST image size: 28, 64, 128 or 224"})
-    backbone: str = field(default="resnet18", metadata={"help": "backbone name or timm:<name>"})
-    weights: str = field(
-        default="pretrained",
-        metadata={"help": "'pretrained' (hub), 'none' (random control) or a safetensors path"},
+    size: int = _opt(28, "features", "MedMNIST image size: 28, 64, 128 or 224")
+    backbone: str = _opt("resnet18", "features", "backbone name or timm:<name>")
+    weights: str = _opt(
+        "pretrained",
+        "features",
+        "'pretrained' (hub), 'none' (random control) or a safetensors path",
     )
-    method: str = field(default="linear", metadata={"help": "adaptation method name"})
+    method: str = _opt("linear", "run", "adaptation method name")
     method_options: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "options of the method's config dataclass"}
+        default_factory=dict,
+        metadata={"help": "options of the method's config dataclass", "scope": "run"},
     )
     train: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "training options for gradient-based methods (TrainConfig fields)"},
+        metadata={
+            "help": "training options for gradient-based methods (TrainConfig fields)",
+            "scope": "run",
+        },
     )
-    resume: bool = field(
-        default=False, metadata={"help": "continue an interrupted training run from its checkpoint"}
+    resume: bool = _opt(False, "place", "continue an interrupted training run from its checkpoint")
+    shots: str = _opt("all", "run", "examples per class, or 'all'")
+    val_shots: str = _opt(
+        "auto",
+        "run",
+        "labelled validation examples per class for choosing hyper-parameters or the epoch: "
+        "auto (as many as shots; all when shots=all), a number, or all",
     )
-    shots: str = field(default="all", metadata={"help": "examples per class, or 'all'"})
-    seed: int = field(default=0, metadata={"help": "seed of the few-shot sample and bootstrap"})
-    resize: str = field(default="nearest", metadata={"help": "nearest, bilinear or pad"})
-    input_size: int | None = field(
-        default=None, metadata={"help": "backbone input size (default: its pretrained size)"}
+    seed: int = _opt(0, "run", "seed of the few-shot sample, training and bootstrap")
+    resize: str = _opt("nearest", "features", "nearest, bilinear or pad")
+    input_size: int | None = _opt(
+        None, "features", "backbone input size (default: its pretrained size)"
     )
-    precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 extraction"})
-    batch_size: int = field(default=64, metadata={"help": "feature-extraction batch size"})
-    volume_mode: str = field(
-        default="axial", metadata={"help": "3D through 2D: axial, coronal, sagittal or planes"}
+    precision: str = _opt(
+        "auto",
+        "features",
+        "auto (bf16 only where it agrees with fp32 on this data), bf16 or fp32",
     )
-    max_slices: int | None = field(
-        default=None,
-        metadata={"help": "3D through 2D: embed at most this many evenly spread slices per plane"},
+    batch_size: int | None = _opt(
+        None, "features", "batch size (default: 64 for feature extraction, train.batch_size)"
     )
-    allow_fewer_shots: bool = field(
-        default=False, metadata={"help": "use all examples of a class smaller than shots"}
+    volume_mode: str = _opt(
+        "axial", "features", "3D through 2D: axial, coronal, sagittal or planes"
     )
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for 95% CIs"})
-    trust_pickle: bool = field(
-        default=False, metadata={"help": "allow loading pickle (.pt/.pth/.bin) checkpoints"}
+    max_slices: int | None = _opt(
+        None, "features", "3D through 2D: embed at most this many evenly spread slices per plane"
     )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "feature cache (default: $CLINADAPT_CACHE)"}
-    )
+    allow_fewer_shots: bool = _opt(False, "run", "use all examples of a class smaller than shots")
+    bootstrap: int = _opt(1000, "run", "bootstrap resamples for 95 percent CIs")
+    trust_pickle: bool = _opt(False, "place", "allow loading pickle (.pt/.pth/.bin) checkpoints")
+    cache_dir: str | None = _opt(None, "place", "feature cache (default: $CLINADAPT_CACHE)")
 
     def shots_value(self) -> int | str:
-        if str(self.shots).lower() == "all":
-            return "all"
-        try:
-            shots = int(self.shots)
-        except ValueError:
-            shots = 0
-        if shots < 1:
-            from clinadapt.errors import ConfigError
+        return _budget(self.shots, "shots")
 
-            raise ConfigError(f"shots must be a positive integer or 'all', got {self.shots!r}")
-        return shots
+    def val_shots_value(self) -> int | str:
+        """The validation budget per class; ``auto`` follows the training budget."""
+        if str(self.val_shots).lower() == "auto":
+            return self.shots_value()
+        return _budget(self.val_shots, "val_shots")
+
+
+def _budget(value: Any, name: str) -> int | str:
+    if str(value).lower() == "all":
+        return "all"
+    try:
+        shots = int(value)
+    except ValueError:
+        shots = 0
+    if shots < 1:
+        from clinadapt.errors import ConfigError
+
+        raise ConfigError(f"{name} must be a positive integer or 'all', got {value!r}")
+    return shots
 
 
 @dataclass
@@ -100,39 +124,7 @@ class FeatureBundle:
     preprocessing: dict[str, Any]
     timings: dict[str, float]
     cache_hits: dict[str, bool]
-
-
-def weights_tag(weights: str) -> str:
-    """A short, path-safe label for a weights option (used in record paths and reports)."""
-    if weights in ("pretrained", "none"):
-        return weights
-    name = Path(weights).name.replace(".safetensors", "") or "weights"
-    digest = hashlib.sha256(str(Path(weights).resolve()).encode()).hexdigest()[:6]
-    return f"{name}-{digest}"
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def make_preprocess(backbone: Any, cfg: ExperimentConfig) -> Any:
-    """2D preprocessing, or the volume version for volume-native backbones."""
-    from clinadapt.backbones import get_spec
-    from clinadapt.data import Preprocess
-    from clinadapt.data.transforms import VolumePreprocess
-
-    pcfg = backbone.pretrained_cfg
-    size = cfg.input_size or pcfg.input_size
-    if getattr(get_spec(cfg.backbone), "ndim", 2) == 3:
-        resize = "trilinear" if cfg.resize == "bilinear" else cfg.resize
-        return VolumePreprocess(
-            input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize, channels=pcfg.channels
-        )
-    return Preprocess(
-        input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=cfg.resize
-    )
+    key: str
 
 
 def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> FeatureBundle:
@@ -141,6 +133,8 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     from clinadapt.data import load_dataset
     from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine import FeatureCache, extract_features, resolve_precision
+    from clinadapt.runner.identity import bundle_key
+    from clinadapt.runner.records import package_versions
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -154,6 +148,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     slices = slices_volumes(dataset.info.ndim, preprocess)
     precision = resolve_precision(cfg.precision)
     cache = FeatureCache(Path(cfg.cache_dir)) if cfg.cache_dir else FeatureCache()
+    versions = {k: v for k, v in package_versions().items() if k in ("clinadapt", "torch", "timm")}
     features, labels, hits = {}, {}, {}
     for split_name, split in dataset.splits.items():
         parts = {
@@ -164,10 +159,12 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
             "n": len(split),
             "backbone": backbone.name,
             "weights_id": backbone.weights_id,
+            "model_kwargs": backbone.model_kwargs,
             "preprocess": preprocess.describe(),
             "precision": precision,
             "volume_mode": cfg.volume_mode if slices else None,
             "max_slices": cfg.max_slices if slices else None,
+            "versions": versions,
         }
         start = time.perf_counter()
         features[split_name], hits[split_name] = cache.get_or_compute(
@@ -176,7 +173,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
                 backbone,
                 split.images,
                 preprocess,
-                batch_size=cfg.batch_size,
+                batch_size=cfg.batch_size or EXTRACTION_BATCH,
                 precision=precision,
                 volume_mode=cfg.volume_mode,
                 max_slices=cfg.max_slices,
@@ -187,12 +184,10 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         )
         timings[f"features_{split_name}_s"] = time.perf_counter() - start
         labels[split_name] = np.asarray(split.labels)
-    protocol = preprocess.describe()
-    protocol["source_size"] = dataset.size
-    protocol["note"] = PROTOCOL_NOTES.get(cfg.resize, "")
+    preprocessing = protocol(preprocess, dataset.size, cfg.resize)
     if slices:
-        protocol["volume_mode"] = cfg.volume_mode
-        protocol["max_slices"] = cfg.max_slices
+        preprocessing["volume_mode"] = cfg.volume_mode
+        preprocessing["max_slices"] = cfg.max_slices
     return FeatureBundle(
         info=dataset.info,
         features=features,
@@ -201,67 +196,29 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         backbone=backbone_summary(
             backbone, cfg.weights, sum(p.numel() for p in backbone.parameters())
         ),
-        preprocessing={**protocol, "precision": precision},
+        preprocessing={**preprocessing, "precision": precision},
         timings=timings,
         cache_hits=hits,
+        key=bundle_key(cfg),
     )
-
-
-def backbone_summary(backbone: Any, weights: str, parameters: int) -> dict[str, Any]:
-    """The ``backbone`` block of a run record."""
-    return {
-        "name": backbone.name,
-        "weights": weights,
-        "weights_id": backbone.weights_id,
-        "is_pretrained": backbone.is_pretrained,
-        "feature_dim": backbone.feature_dim,
-        "source": backbone.pretrained_cfg.source,
-        "parameters": parameters,
-    }
-
-
-def sample_support(cfg: ExperimentConfig, info: DatasetInfo, labels: np.ndarray) -> tuple:
-    """The seeded few-shot support set, from the training split only."""
-    from clinadapt.data import few_shot_indices
-
-    return few_shot_indices(
-        labels,
-        info.task,
-        info.num_classes,
-        cfg.shots_value(),
-        cfg.seed,
-        allow_fewer=cfg.allow_fewer_shots,
-        class_names=list(info.labels),
-    )
-
-
-def dataset_summary(
-    info: DatasetInfo, split_sizes: dict[str, int], provenance: dict[str, Any]
-) -> dict[str, Any]:
-    """The ``dataset`` block of a run record."""
-    return {
-        "name": info.name,
-        "task": info.task.value,
-        "num_classes": info.num_classes,
-        "labels": list(info.labels),
-        "ndim": info.ndim,
-        "channels": info.channels,
-        "split_sizes": split_sizes,
-        "provenance": provenance,
-    }
 
 
 def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, Any]:
     """Sample the support set, fit the method, evaluate on test once; return the record."""
     from clinadapt.adapt import create_method
     from clinadapt.eval import bootstrap_ci, evaluate
-    from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
+    from clinadapt.runner.identity import resolved_options, run_id
+    from clinadapt.runner.records import build_record
 
+    run_start = time.perf_counter()
     info = bundle.info
     train_x, train_y = bundle.features["train"], bundle.labels["train"]
     support, actual_shots = sample_support(cfg, info, train_y)
     method = create_method(cfg.method, cfg.method_options)
-    val = (bundle.features["val"], bundle.labels["val"]) if "val" in bundle.features else None
+    val = None
+    if "val" in bundle.features:
+        picked = sample_validation(cfg, info, bundle.labels["val"])
+        val = (bundle.features["val"][picked], bundle.labels["val"][picked])
     start = time.perf_counter()
     method.fit(
         train_x[support], train_y[support], info.task, info.num_classes, val=val, seed=cfg.seed
@@ -271,41 +228,49 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     test_scores = method.predict_proba(bundle.features["test"])
     predict_s = time.perf_counter() - start
     test_y = bundle.labels["test"]
-    metrics = evaluate(test_y, test_scores, info.task)
-    record: dict[str, Any] = {
-        "record_version": RECORD_VERSION,
-        "config": to_dict(cfg),
-        "dataset": dataset_summary(
+    metrics: dict[str, Any] = {"test": evaluate(test_y, test_scores, info.task)}
+    if val is not None:
+        metrics["val"] = evaluate(val[1], method.predict_proba(val[0]), info.task)
+    if cfg.bootstrap > 0:
+        metrics["test_ci95"] = bootstrap_ci(
+            test_y, test_scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
+        )
+    uses_val = val is not None and type(method).uses_validation
+    return build_record(
+        "frozen",
+        to_dict(cfg),
+        run={"id": run_id(cfg), "options": resolved_options(cfg)},
+        dataset=dataset_summary(
             info, {k: len(v) for k, v in bundle.labels.items()}, bundle.provenance
         ),
-        "backbone": bundle.backbone,
-        "preprocessing": bundle.preprocessing,
-        "method": {
+        backbone=bundle.backbone,
+        preprocessing=bundle.preprocessing,
+        method={
             "name": cfg.method,
+            "kind": "frozen",
             "config": to_dict(method.config),
             "selected": method.selected(),
             "fitted_parameters": method.fitted_parameters(),
             "trainable_backbone_parameters": 0,
         },
-        "shots": {
+        shots={
             "requested": cfg.shots_value(),
             "actual_per_class": actual_shots,
             "support_size": len(support),
+            "val_requested": cfg.val_shots_value(),
         },
-        "metrics": {"test": metrics},
-        "timings": {**bundle.timings, "fit_s": fit_s, "predict_s": predict_s},
-        "feature_cache_hits": bundle.cache_hits,
-        "peak_memory_mb": peak_memory_mb(),
-        "packages": package_versions(),
-        "hardware": hardware(),
-    }
-    if val is not None:
-        record["metrics"]["val"] = evaluate(val[1], method.predict_proba(val[0]), info.task)
-    if cfg.bootstrap > 0:
-        record["metrics"]["test_ci95"] = bootstrap_ci(
-            test_y, test_scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
-        )
-    return record
+        labels_used=labels_used(len(support), 0 if val is None else len(val[1]), uses_val),
+        metrics=metrics,
+        feature_cache_hits=bundle.cache_hits,
+        timings={
+            **bundle.timings,
+            "fit_s": fit_s,
+            "predict_s": predict_s,
+            "setup_s": sum(bundle.timings.values()),
+            "setup_key": bundle.key,
+            "run_s": time.perf_counter() - run_start,
+        },
+    )
 
 
 def method_kind(name: str) -> str:
@@ -325,10 +290,8 @@ def run_experiment(
 
         if run_dir is None:
             raise ConfigError(
-                f"method {cfg.method!r} trains a model: give an output folder (--out)"
+                f"method {cfg.method!r} trains a model and needs a run folder: use "
+                f"`clinadapt train --method {cfg.method} --out RUN_DIR`"
             )
         return run_finetune(cfg, run_dir, progress=progress)
-    bundle = prepare_features(cfg, progress=progress)
-    record = run_on_features(cfg, bundle)
-    record["timings"]["total_s"] = sum(v for k, v in record["timings"].items() if k != "total_s")
-    return record
+    return run_on_features(cfg, prepare_features(cfg, progress=progress))

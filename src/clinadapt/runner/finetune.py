@@ -4,19 +4,49 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from clinadapt.config import from_dict, to_dict
-from clinadapt.runner.experiment import (
-    ExperimentConfig,
+from clinadapt.errors import ConfigError
+from clinadapt.runner.common import (
     backbone_summary,
     dataset_summary,
+    labels_used,
     make_preprocess,
-    peak_memory_mb,
+    protocol,
     sample_support,
+    sample_validation,
 )
+
+if TYPE_CHECKING:
+    from clinadapt.engine.train import TrainConfig
+    from clinadapt.runner.experiment import ExperimentConfig
+
+RUN_TO_TRAIN = {"precision": "precision", "batch_size": "batch_size", "max_slices": "max_slices"}
+"""Run options that mean the same in training; given in both places they must agree."""
+
+
+def train_config(cfg: ExperimentConfig) -> TrainConfig:
+    """The training options of a run: ``train.*`` plus the run options that carry over
+    (precision, batch size, slices per volume), the run's seed by default."""
+    from clinadapt.engine.train import TrainConfig
+
+    options = {"seed": cfg.seed, **cfg.train}
+    for run_key, train_key in RUN_TO_TRAIN.items():
+        value = getattr(cfg, run_key)
+        unset = value is None or (run_key == "precision" and value == "auto")
+        if unset:
+            continue
+        if train_key in cfg.train and cfg.train[train_key] != value:
+            raise ConfigError(
+                f"{run_key}={value!r} and train.{train_key}={cfg.train[train_key]!r} disagree; "
+                "give one of them"
+            )
+        options[train_key] = value
+    return from_dict(TrainConfig, options, where="train options")
 
 
 def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -29,33 +59,39 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.data.dataset import Subset
     from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine.predict import predict_proba
-    from clinadapt.engine.train import TrainConfig, train
+    from clinadapt.engine.train import train
     from clinadapt.eval import bootstrap_ci, evaluate
-    from clinadapt.runner.records import (
-        RECORD_VERSION,
-        hardware,
-        is_main_process,
-        package_versions,
-    )
+    from clinadapt.runner.identity import resolved_options, run_id
+    from clinadapt.runner.records import build_record, is_main_process
 
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+    setup_start = time.perf_counter()
+    train_cfg = train_config(cfg)
     dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
     info = dataset.info
-    timings["load_data_s"] = time.perf_counter() - start
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     preprocess = make_preprocess(backbone, cfg)
     slice_volumes = slices_volumes(info.ndim, preprocess)
-    train_cfg = from_dict(TrainConfig, {"seed": cfg.seed, **cfg.train}, where="train options")
-
-    support, actual_shots = sample_support(cfg, info, dataset["train"].labels)
-    method = create_method(cfg.method, cfg.method_options)
-    model = method.apply(AdaptedModel(backbone, info.num_classes))
+    if slice_volumes and cfg.volume_mode != "axial":
+        raise ConfigError(
+            f"volume_mode={cfg.volume_mode!r}: training feeds volumes to a 2D backbone as axial "
+            "slices only; use volume_mode=axial, a frozen-feature method, or a 3D backbone"
+        )
     train_split, val_split, test_split = dataset["train"], dataset["val"], dataset["test"]
+    support, actual_shots = sample_support(cfg, info, train_split.labels)
+    val_picked = sample_validation(cfg, info, val_split.labels)
+    method = create_method(cfg.method, cfg.method_options)
+    with torch.random.fork_rng():  # the new head and adapter layers start the same for a seed
+        torch.manual_seed(cfg.seed)
+        model = method.apply(AdaptedModel(backbone, info.num_classes))
+    setup_s = time.perf_counter() - setup_start
+    run_start = time.perf_counter()
+    val_images = val_split.images
+    if len(val_picked) < len(val_split):
+        val_images = Subset(val_images, val_picked)
     result = train(
         model,
         (Subset(train_split.images, support), train_split.labels[support]),
-        (val_split.images, val_split.labels),
+        (val_images, val_split.labels[val_picked]),
         task=info.task,
         num_classes=info.num_classes,
         preprocess=preprocess,
@@ -83,7 +119,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         max_slices=train_cfg.max_slices,
         progress=progress,
     )
-    timings["predict_s"] = time.perf_counter() - start
+    predict_s = time.perf_counter() - start
     test_y = np.asarray(test_split.labels)
     metrics: dict[str, Any] = {"test": evaluate(test_y, scores, info.task), "val": result.best_val}
     if cfg.bootstrap > 0:
@@ -91,19 +127,20 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
             test_y, scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
     trainable = model.trainable_parameters()
-    return {
-        "record_version": RECORD_VERSION,
-        "config": to_dict(cfg),
-        "dataset": dataset_summary(
+    identity = run_id(cfg)
+    return build_record(
+        "finetune",
+        to_dict(cfg),
+        run={"id": identity, "options": resolved_options(cfg)},
+        dataset=dataset_summary(
             info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
         ),
-        "backbone": backbone_summary(backbone, cfg.weights, model.base_parameters),
-        "preprocessing": {
-            **preprocess.describe(),
-            "source_size": dataset.size,
+        backbone=backbone_summary(backbone, cfg.weights, model.base_parameters),
+        preprocessing={
+            **protocol(preprocess, dataset.size, cfg.resize),
             "precision": result.precision,
         },
-        "method": {
+        method={
             "name": cfg.method,
             "kind": "finetune",
             "config": to_dict(method.config),
@@ -116,20 +153,22 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
             "adapter_bytes": adapter_bytes,
             "stopped_early": result.stopped_early,
         },
-        "shots": {
+        shots={
             "requested": cfg.shots_value(),
             "actual_per_class": actual_shots,
             "support_size": len(support),
+            "val_requested": cfg.val_shots_value(),
         },
-        "metrics": metrics,
-        "history": result.history,
-        "timings": {
-            **timings,
+        labels_used=labels_used(len(support), len(val_picked), uses_val=True),
+        metrics=metrics,
+        history=result.history,
+        timings={
+            "setup_s": setup_s,
+            "setup_key": identity,
             "time_per_epoch_s": result.time_per_epoch_s,
             "train_s": result.total_s,
-            "total_s": sum(timings.values()) + result.total_s,
+            "predict_s": predict_s,
+            "run_s": time.perf_counter() - run_start,
         },
-        "peak_memory_mb": max(result.peak_memory_mb, peak_memory_mb()),
-        "packages": package_versions(),
-        "hardware": hardware(),
-    }
+        peak_memory=result.peak_memory_mb,
+    )

@@ -17,7 +17,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any, Any]:
     """The record, adapted model, method and preprocessing of a finished training run."""
     from clinadapt.adapt.checkpoint import load_adapted
     from clinadapt.config import from_dict
-    from clinadapt.runner.experiment import ExperimentConfig, make_preprocess
+    from clinadapt.runner.common import make_preprocess
+    from clinadapt.runner.experiment import ExperimentConfig
 
     run_dir = Path(run_dir)
     record_file = run_dir / "record.json"

@@ -23,11 +23,12 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     """Pretrain ``cfg.backbone`` with ``cfg.method``; write ``run_dir/backbone`` and return the
     run record (the caller writes it)."""
     from clinadapt.backbones import create_backbone, get_spec
+    from clinadapt.backbones.weights import file_sha256
     from clinadapt.engine.batches import is_grayscale
     from clinadapt.engine.features import resolve_device
     from clinadapt.engine.train import training_precision
-    from clinadapt.runner.experiment import make_preprocess
-    from clinadapt.runner.records import RECORD_VERSION, hardware, package_versions
+    from clinadapt.runner.common import backbone_summary, dataset_summary, make_preprocess
+    from clinadapt.runner.records import build_record
     from clinadapt.ssl import SSL_METHODS, create_pretrain_model
     from clinadapt.ssl.loop import UnlabelledImages, pretrain, resolved_config
     from clinadapt.ssl.views import ViewGenerator, resolve_views
@@ -82,21 +83,17 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     plain = _plain_encoder(encoder)
     _export(plain, cfg, backbone, spec, weights_dir)
     total = sum(p.numel() for p in plain.parameters())
-    from clinadapt.backbones.weights import file_sha256
-    from clinadapt.runner.experiment import backbone_summary, dataset_summary
-
-    return {
-        "record_version": RECORD_VERSION,
-        "kind": "pretrain",
-        "config": to_dict(cfg),
-        "data": [
+    return build_record(
+        "pretrain",
+        to_dict(cfg),
+        data=[
             dataset_summary(d.info, {k: len(v) for k, v in d.splits.items()}, dict(d.provenance))
             for d in datasets
         ],
-        "train_images": len(images),
-        "backbone": backbone_summary(backbone, cfg.weights, total),
-        "preprocessing": {**preprocess.describe(), "precision": precision},
-        "method": {
+        train_images=len(images),
+        backbone=backbone_summary(backbone, cfg.weights, total),
+        preprocessing={**preprocess.describe(), "precision": precision},
+        method={
             "name": cfg.method,
             "config": to_dict(model.config),
             "views": to_dict(views),
@@ -106,22 +103,21 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
             * sum(p.numel() for p in encoder.parameters() if p.requires_grad)
             / total,
         },
-        "monitor": monitor_name,
-        "history": result.history,
-        "output": {
+        monitor=monitor_name,
+        history=result.history,
+        output={
             "weights": str(weights_dir),
             "sha256": file_sha256(weights_dir / "model.safetensors"),
         },
-        "timings": {
-            "load_s": load_s,
+        timings={
+            "setup_s": load_s,
+            "setup_key": str(run_dir),
             "time_per_epoch_s": result.time_per_epoch_s,
             "train_s": result.total_s,
-            "total_s": time.perf_counter() - start,
+            "run_s": time.perf_counter() - start - load_s,
         },
-        "peak_memory_mb": result.peak_memory_mb,
-        "packages": package_versions(),
-        "hardware": hardware(),
-    }
+        peak_memory=result.peak_memory_mb,
+    )
 
 
 def _load(cfg: PretrainConfig, spec: Any) -> list[Any]:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
+import resource
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RECORD_VERSION = 1
+log = logging.getLogger(__name__)
+RECORD_VERSION = 2  # 2: run identity, labels used, setup and run time apart
+KINDS = ("frozen", "finetune", "pretrain")
 PACKAGES = ("clinadapt", "torch", "torchvision", "timm", "numpy", "scikit-learn", "safetensors")
 
 
@@ -44,6 +49,55 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def build_record(
+    kind: str,
+    config: dict[str, Any],
+    *,
+    timings: dict[str, Any],
+    peak_memory: float = 0.0,
+    **blocks: Any,
+) -> dict[str, Any]:
+    """The one way a run record is made, for every kind of run.
+
+    ``timings`` holds ``setup_s`` (loading data and backbone, extracting features: work that
+    runs sharing ``setup_key`` share), and ``run_s`` (this run's own work). A grid's wall time is
+    the sum of ``run_s`` plus each distinct setup once; no record adds the two.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"record kind must be one of {KINDS}, got {kind!r}")
+    missing = {"setup_s", "run_s", "setup_key"} - timings.keys()
+    if missing:
+        raise ValueError(f"record timings lack {sorted(missing)}")
+    return {
+        "record_version": RECORD_VERSION,
+        "kind": kind,
+        "config": config,
+        **blocks,
+        "timings": timings,
+        "peak_memory_mb": max(peak_memory, peak_memory_mb()),
+        "packages": package_versions(),
+        "hardware": hardware(),
+    }
+
+
+def failure_record(kind: str, config: dict[str, Any], err: BaseException) -> dict[str, Any]:
+    """What a failed run leaves: its configuration and the error, so reports say what failed and
+    a rerun retries it."""
+    return {
+        "record_version": RECORD_VERSION,
+        "kind": kind,
+        "config": config,
+        "failed": True,
+        "error": f"{type(err).__name__}: {err}",
+    }
 
 
 def _json_safe(value: Any) -> Any:
@@ -81,17 +135,24 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def read_records(directory: str | Path) -> list[dict[str, Any]]:
     """All complete run records under ``directory`` (skipping unreadable or foreign JSON files,
     and pretraining records, which describe a backbone rather than an adapted model)."""
-    records = []
+    records, older = [], 0
     for path in sorted(Path(directory).rglob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if (
-            isinstance(data, dict)
-            and data.get("record_version") == RECORD_VERSION
-            and data.get("kind") != "pretrain"
-        ):
+        if not isinstance(data, dict) or "record_version" not in data:
+            continue
+        if data["record_version"] != RECORD_VERSION:
+            older += 1
+        elif data.get("kind") != "pretrain":
             data["_path"] = str(path)
             records.append(data)
+    if older:
+        log.warning(
+            "%d records under %s are from another clinadapt record version and are left out; "
+            "rerun those experiments to include them",
+            older,
+            directory,
+        )
     return records

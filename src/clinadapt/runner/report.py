@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import html
+import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,60 +13,104 @@ import numpy as np
 
 from clinadapt.runner.records import read_records
 
+log = logging.getLogger(__name__)
+
 METRICS = ("auc", "acc", "balanced_accuracy")
-
-
-@dataclass(frozen=True)
-class RowKey:
-    dataset: str
-    backbone: str
-    weights: str
-    pretrained: bool
-    method: str
-    shots: str
+Z95 = 1.959963984540054
+AXES = ("dataset", "backbone", "weights", "method", "shots")
+"""Row columns of their own; any other option that differs between records gets an
+``options`` entry (see ``runner.identity.flat_options``)."""
 
 
 def _shots_order(shots: str) -> float:
     return math.inf if shots == "all" else float(shots)
 
 
-def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration: mean and standard deviation over seeds of each metric."""
-    groups: dict[RowKey, list[dict[str, Any]]] = defaultdict(list)
+def _usable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Successful records that carry what a row needs; others are logged and left out."""
+    keep = []
     for rec in records:
         if rec.get("failed"):
             continue
+        missing = [k for k in ("config", "dataset", "backbone", "metrics", "run") if k not in rec]
+        if missing:
+            log.warning("record %s lacks %s; left out of the report", rec.get("_path"), missing)
+            continue
+        keep.append(rec)
+    return keep
+
+
+def varying_options(records: list[dict[str, Any]]) -> list[str]:
+    """Options (other than the table's own axes) whose value differs between records of the
+    same method: the ones a reader needs to tell rows apart."""
+    from clinadapt.runner.identity import flat_options
+
+    values: dict[tuple[str, str], set[Any]] = defaultdict(set)
+    for rec in records:
+        method = rec["config"]["method"]
+        for key, value in flat_options(rec["run"]["options"]).items():
+            if key.split(".")[0] in AXES:
+                continue
+            values[(method if key.startswith(("method.", "train.")) else "", key)].add(value)
+    return sorted({key for (_, key), seen in values.items() if len(seen) > 1})
+
+
+def interval(values: list[float], cis: list[list[float]]) -> list[float] | None:
+    """A 95% interval for one new run (new seed, new test sample): mean ± 1.96 x sqrt(between-seed
+    variance + mean within-seed bootstrap variance), the law of total variance under a normal
+    approximation; each bootstrap variance is read from its percentile CI's width / 3.92."""
+    if not cis:
+        return None
+    mean = float(np.mean(values))
+    between = float(np.var(values, ddof=1)) if len(values) > 1 else 0.0
+    within = float(np.mean([((hi - lo) / (2 * Z95)) ** 2 for lo, hi in cis]))
+    half = Z95 * math.sqrt(between + within)
+    return [max(mean - half, 0.0), min(mean + half, 1.0)]
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration: mean and standard deviation over seeds of each metric, an
+    interval that includes seed variation, and the labelled images and time a run took."""
+    from clinadapt.runner.identity import flat_options
+
+    records = _usable(records)
+    shown = varying_options(records)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        flat = flat_options(rec["run"]["options"])
         cfg = rec["config"]
-        key = RowKey(
-            dataset=rec["dataset"]["name"],
-            backbone=cfg["backbone"],
-            weights=cfg["weights"],
-            pretrained=bool(rec["backbone"]["is_pretrained"]),
-            method=cfg["method"],
-            shots=str(cfg["shots"]),
+        key = (
+            rec["dataset"]["name"],
+            cfg["backbone"],
+            cfg["weights"],
+            bool(rec["backbone"]["is_pretrained"]),
+            cfg["method"],
+            str(cfg["shots"]),
+            tuple((k, flat[k]) for k in shown if k in flat),
         )
         groups[key].append(rec)
     rows = []
     for key, recs in groups.items():
-        row: dict[str, Any] = {**key.__dict__, "seeds": len(recs)}
+        dataset, backbone, weights, pretrained, method, shots, options = key
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "backbone": backbone,
+            "weights": weights,
+            "pretrained": pretrained,
+            "method": method,
+            "shots": shots,
+            "options": ", ".join(f"{k}={_text(v)}" for k, v in options),
+            "seeds": len(recs),
+        }
         for metric in METRICS:
-            values = [r["metrics"]["test"].get(metric) for r in recs]
-            values = [v for v in values if v is not None and not math.isnan(v)]
-            row[metric] = float(np.mean(values)) if values else math.nan
-            row[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            cis = [r["metrics"].get("test_ci95", {}).get(metric) for r in recs]
-            cis = [c for c in cis if c and None not in c]
-            row[f"{metric}_ci"] = (
-                [float(np.mean([c[0] for c in cis])), float(np.mean([c[1] for c in cis]))]
-                if cis
-                else None
-            )
+            _summarise_metric(row, metric, recs)
         row["verified"] = recs[0]["dataset"]["provenance"].get("verified")
         pre = recs[0]["preprocessing"]
         row["protocol"] = f"{pre.get('resize')} {pre.get('source_size')}->{pre.get('input_size')}"
         if pre.get("volume_mode"):
             row["protocol"] += f", {pre['volume_mode']} slices ({pre.get('max_slices') or 'all'})"
-        row["time_s"] = float(np.mean([_total_seconds(r["timings"]) for r in recs]))
+        row["labels_used"] = float(np.mean([r["labels_used"]["total"] for r in recs]))
+        row["time_s"] = float(np.mean([r["timings"]["run_s"] for r in recs]))
         row["fitted_parameters"] = recs[0]["method"]["fitted_parameters"]
         rows.append(row)
     rows.sort(
@@ -77,25 +121,63 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["weights"],
             r["method"],
             _shots_order(r["shots"]),
+            r["options"],
         )
     )
     return rows
 
 
-def _total_seconds(timings: dict[str, float]) -> float:
-    """A run's wall time; older records without ``total_s`` add up their parts."""
-    if "total_s" in timings:
-        return timings["total_s"]
-    return sum(v for k, v in timings.items() if k.endswith("_s") and k != "time_per_epoch_s")
+def _summarise_metric(row: dict[str, Any], metric: str, recs: list[dict[str, Any]]) -> None:
+    """Mean, sd over seeds, the seed-inclusive interval, and why a metric is undefined."""
+    values, cis = [], []
+    for rec in recs:
+        value = rec["metrics"]["test"].get(metric)
+        if value is None or math.isnan(value):
+            continue
+        values.append(value)
+        ci = rec["metrics"].get("test_ci95", {}).get(metric)
+        if ci and None not in ci:
+            cis.append(ci)
+    row[metric] = float(np.mean(values)) if values else math.nan
+    row[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    row[f"{metric}_ci"] = interval(values, cis) if len(cis) == len(values) else None
+    row[f"{metric}_n"] = len(values)
+    reasons = {
+        r["metrics"]["test"].get("undefined", {}).get(metric)
+        for r in recs
+        if r["metrics"]["test"].get(metric) is None
+        or math.isnan(r["metrics"]["test"].get(metric, math.nan))
+    }
+    row[f"{metric}_undefined"] = "; ".join(sorted(x or "undefined" for x in reasons))
+
+
+def setup_time(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds of shared work (loading, feature extraction), counted once per setup, and of the
+    runs' own work; their sum is what the records cost."""
+    setups = {}
+    for rec in _usable(records):
+        setups[rec["timings"]["setup_key"]] = rec["timings"]["setup_s"]
+    runs = sum(r["timings"]["run_s"] for r in _usable(records))
+    return {"setup_s": float(sum(setups.values())), "setups": len(setups), "runs_s": float(runs)}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(_text(v) for v in value) + "]"
+    return str(value)
 
 
 def _fmt(row: dict[str, Any], metric: str) -> str:
     mean = row[metric]
+    why = row.get(f"{metric}_undefined")
     if math.isnan(mean):
-        return "n/a"
+        return f"n/a ({why})" if why else "n/a"
     text = f"{mean:.3f} ± {row[f'{metric}_sd']:.3f}"
     ci = row.get(f"{metric}_ci")
-    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
+    text = f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
+    if why:  # some seeds gave no value
+        text += f" ({row['seeds'] - row[f'{metric}_n']} of {row['seeds']} seeds n/a: {why})"
+    return text
 
 
 def _weights_label(row: dict[str, Any]) -> str:
@@ -114,13 +196,15 @@ HEADER = [
     "weights",
     "method",
     "shots",
+    "options",
     "seeds",
+    "labelled images",
     "AUC",
     "ACC",
     "balanced acc.",
     "protocol",
     "trained params",
-    "time (s)",
+    "run time (s)",
 ]
 
 
@@ -132,7 +216,9 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             _weights_label(r),
             r["method"],
             r["shots"],
+            r["options"] or "-",
             str(r["seeds"]),
+            f"{r['labels_used']:g}",
             _fmt(r, "auc"),
             _fmt(r, "acc"),
             _fmt(r, "balanced_accuracy"),
@@ -187,15 +273,15 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
     for (dataset, backbone), group in _curve_groups(rows).items():
         shots = sorted({r["shots"] for r in group}, key=_shots_order)
         fig, ax = plt.subplots(figsize=(9, 4))
-        lines: dict[tuple[str, str, bool], list[dict[str, Any]]] = defaultdict(list)
+        lines: dict[tuple[str, str, str, bool], list[dict[str, Any]]] = defaultdict(list)
         for r in group:
-            lines[(r["method"], r["weights"], r["pretrained"])].append(r)
-        for (method, _weights, pretrained), pts in sorted(lines.items()):
+            lines[(r["method"], r["options"], r["weights"], r["pretrained"])].append(r)
+        for (method, options, _weights, pretrained), pts in sorted(lines.items()):
             pts.sort(key=lambda r: _shots_order(r["shots"]))
             x = [shots.index(p["shots"]) for p in pts]
             y = np.array([p["auc"] for p in pts])
             sd = np.array([p["auc_sd"] for p in pts])
-            label = f"{method} / {_weights_label(pts[0])}"
+            label = f"{method}{f' ({options})' if options else ''} / {_weights_label(pts[0])}"
             (line,) = ax.plot(x, y, "o-" if pretrained else "s--", label=label)
             ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
         ax.set_xticks(range(len(shots)), shots)
@@ -328,8 +414,15 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     for extra in (plot_pretrained_vs_control(rows, out), plot_auc_vs_parameters(rows, out)):
         if extra:
             plots.append(extra)
+    spent = setup_time(records)
     notes = [
-        "Metrics: test split, mean ± sd over seeds, [bootstrap 95% CI averaged over seeds].",
+        "Metrics: test split, mean ± sd over seeds, [95% interval for one run: seed variation"
+        " and bootstrap resampling of the test set together, see runner.report.interval].",
+        "Labelled images: training examples plus the validation examples that chose"
+        " hyper-parameters or the epoch (mean over seeds).",
+        "Run time: each run's own work. Loading and feature extraction, shared by runs, took"
+        f" {spent['setup_s']:.1f} s over {spent['setups']} setups;"
+        f" the runs {spent['runs_s']:.1f} s.",
         "AUC and ACC follow the MedMNIST evaluator (macro one-vs-rest AUC; 0.5 threshold).",
         "Rows marked 'untrained control' use randomly initialised weights: they are a baseline,"
         " not a foundation model.",

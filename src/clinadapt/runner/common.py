@@ -1,0 +1,126 @@
+"""What frozen-feature and trained runs share: preprocessing, labelled subsets, record blocks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clinadapt.data.info import DatasetInfo
+
+PROTOCOL_NOTES = {
+    "nearest": "MedMNIST v2 protocol: images upsampled to the backbone size by nearest neighbour",
+    "bilinear": "images resized to the backbone size with bilinear interpolation",
+    "pad": "MedMNIST+ protocol: images zero-padded into the backbone canvas without resizing",
+}
+
+
+def weights_tag(weights: str) -> str:
+    """A short, path-safe label for a weights option (used in record paths and reports)."""
+    if weights in ("pretrained", "none"):
+        return weights
+    name = Path(weights).name.replace(".safetensors", "") or "weights"
+    digest = hashlib.sha256(str(Path(weights).resolve()).encode()).hexdigest()[:6]
+    return f"{name}-{digest}"
+
+
+def make_preprocess(backbone: Any, cfg: Any) -> Any:
+    """2D preprocessing, or the volume version for volume-native backbones; ``cfg`` needs
+    ``backbone``, ``input_size`` and ``resize``."""
+    from clinadapt.backbones import get_spec
+    from clinadapt.data import Preprocess
+    from clinadapt.data.transforms import VolumePreprocess
+
+    pcfg = backbone.pretrained_cfg
+    size = cfg.input_size or pcfg.input_size
+    if getattr(get_spec(cfg.backbone), "ndim", 2) == 3:
+        resize = "trilinear" if cfg.resize == "bilinear" else cfg.resize
+        return VolumePreprocess(
+            input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize, channels=pcfg.channels
+        )
+    return Preprocess(
+        input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=cfg.resize
+    )
+
+
+def protocol(preprocess: Any, source_size: int, resize: str) -> dict[str, Any]:
+    """The ``preprocessing`` block: how images reached the backbone, so that numbers are compared
+    only under the same protocol."""
+    return {
+        **preprocess.describe(),
+        "source_size": source_size,
+        "note": PROTOCOL_NOTES.get(resize, ""),
+    }
+
+
+def sample_support(cfg: Any, info: DatasetInfo, labels: np.ndarray) -> tuple:
+    """The seeded few-shot support set, from the training split only."""
+    from clinadapt.data import few_shot_indices
+
+    return few_shot_indices(
+        labels,
+        info.task,
+        info.num_classes,
+        cfg.shots_value(),
+        cfg.seed,
+        allow_fewer=cfg.allow_fewer_shots,
+        class_names=list(info.labels),
+    )
+
+
+def sample_validation(cfg: Any, info: DatasetInfo, labels: np.ndarray) -> np.ndarray:
+    """The labelled validation examples a run may use: a few-shot run gets no more per class than
+    its label budget (``val_shots``), drawn from the validation split with the run's seed."""
+    from clinadapt.data import few_shot_indices
+
+    budget = cfg.val_shots_value()
+    if budget == "all":
+        return np.arange(len(labels))
+    indices, _ = few_shot_indices(
+        labels,
+        info.task,
+        info.num_classes,
+        budget,
+        cfg.seed,
+        allow_fewer=True,
+        class_names=list(info.labels),
+    )
+    return indices
+
+
+def labels_used(support: int, val: int, uses_val: bool) -> dict[str, int]:
+    """How many labelled images a run used: the support set, plus the validation examples that
+    chose its hyper-parameters or epoch (none for methods that ignore validation)."""
+    used_val = val if uses_val else 0
+    return {"train": support, "val": used_val, "total": support + used_val}
+
+
+def backbone_summary(backbone: Any, weights: str, parameters: int) -> dict[str, Any]:
+    """The ``backbone`` block of a run record."""
+    return {
+        "name": backbone.name,
+        "weights": weights,
+        "weights_id": backbone.weights_id,
+        "is_pretrained": backbone.is_pretrained,
+        "feature_dim": backbone.feature_dim,
+        "source": backbone.pretrained_cfg.source,
+        "parameters": parameters,
+    }
+
+
+def dataset_summary(
+    info: DatasetInfo, split_sizes: dict[str, int], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``dataset`` block of a run record."""
+    return {
+        "name": info.name,
+        "task": info.task.value,
+        "num_classes": info.num_classes,
+        "labels": list(info.labels),
+        "ndim": info.ndim,
+        "channels": info.channels,
+        "split_sizes": split_sizes,
+        "provenance": provenance,
+    }

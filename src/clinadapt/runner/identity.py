@@ -1,0 +1,97 @@
+"""A run's identity is its whole resolved configuration.
+
+Each ``ExperimentConfig`` field says in its metadata what it decides (``scope``):
+- ``features``: the features a backbone gives (data, backbone, weights, preprocessing, precision);
+- ``run``: what a run does with them (method and its options, training, shots, seed);
+- ``place``: where things are read or kept (data root, cache, resume flag): never identity.
+
+Bench uses ``run_id`` to tell a finished run from a changed one, ``bundle_key`` to share
+features between runs, and reports use ``flat_options`` to show the options that differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+SCOPES = ("features", "run", "place")
+GRID_AXES = ("dataset", "backbone", "weights", "method", "shots", "seed")
+"""The options a bench grid varies itself; every other option is the same for all its runs."""
+
+
+def scope_fields(cfg_cls: type, *scopes: str) -> list[str]:
+    """Names of the config fields in ``scopes``, in declaration order."""
+    return [f.name for f in dataclasses.fields(cfg_cls) if f.metadata.get("scope") in scopes]
+
+
+def _location(value: str) -> str:
+    """A path option as an absolute path (the same files from another folder are the same run);
+    a registered name stays as it is."""
+    if value in ("pretrained", "none") or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def resolved_options(cfg: Any) -> dict[str, Any]:
+    """Everything that decides a run's result: the config with the method's and (for trained
+    runs) the training options filled in with their defaults, paths made absolute."""
+    from clinadapt.adapt import METHODS
+    from clinadapt.config import from_dict, to_dict
+
+    method = METHODS.get(cfg.method)
+    options = {name: getattr(cfg, name) for name in scope_fields(type(cfg), "features", "run")}
+    options["dataset"] = _location(cfg.dataset)
+    options["weights"] = _location(cfg.weights)
+    options["shots"] = str(cfg.shots_value())
+    options["val_shots"] = str(cfg.val_shots_value())
+    options["method_options"] = to_dict(
+        from_dict(method.config_cls, dict(cfg.method_options), where=f"method {cfg.method}")
+    )
+    if method.kind == "finetune":
+        from clinadapt.runner.finetune import train_config
+
+        options["train"] = to_dict(train_config(cfg))
+    else:
+        options.pop("train")
+    return json.loads(json.dumps(options, default=str))
+
+
+def run_id(cfg: Any) -> str:
+    """A short hash of ``resolved_options``: the same command resumes, a changed one runs anew."""
+    canonical = json.dumps(resolved_options(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def bundle_key(cfg: Any) -> str:
+    """Runs with the same key can share one feature extraction."""
+    names = scope_fields(type(cfg), "features", "place")
+    canonical = json.dumps({n: getattr(cfg, n) for n in names}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def flat_options(resolved: dict[str, Any]) -> dict[str, Any]:
+    """``resolved_options`` as one level: ``method.k``, ``train.lr``; lists become tuples so
+    values can be compared and grouped. The seed is left out (reports aggregate over it)."""
+    flat: dict[str, Any] = {}
+    for key, value in resolved.items():
+        if key == "seed":
+            continue
+        if key in ("method_options", "train") and isinstance(value, dict):
+            prefix = "method" if key == "method_options" else "train"
+            for inner, v in value.items():
+                if (prefix, inner) != ("train", "seed"):
+                    flat[f"{prefix}.{inner}"] = _hashable(v)
+        else:
+            flat[key] = _hashable(value)
+    return flat
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
