@@ -161,3 +161,50 @@ def test_report_plots_auc_against_trained_parameters(tmp_path):
     assert paths["auc_vs_parameters"].stat().st_size > 1000
     md = paths["markdown"].read_text()
     assert "trained params" in md and "| bitfit |" in md
+
+
+def test_an_unexpected_error_in_one_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    import clinadapt.runner.bench as bench
+
+    real = bench.run_on_features
+
+    def broken_for_knn(cfg, bundle):
+        if cfg.method == "knn":
+            raise RuntimeError("boom")
+        return real(cfg, bundle)
+
+    monkeypatch.setattr(bench, "run_on_features", broken_for_knn)
+    counts = run_grid(tiny_grid(seeds=1), tmp_path, progress=False)
+    assert counts["failed"] == 2 and counts["done"] == 2
+    failed = [json.loads(p.read_text()) for p in tmp_path.rglob("knn/*.json")]
+    assert all(r["failed"] and "RuntimeError: boom" in r["error"] for r in failed)
+
+
+def test_a_run_claimed_by_a_live_bench_is_left_and_a_dead_claim_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    grid = tiny_grid(methods=["knn"], shots=["2"], seeds=1)
+    path = record_path(tmp_path, expand(grid)[0])
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process
+    counts = run_grid(grid, tmp_path, progress=False)
+    assert counts["claimed"] == 1 and not path.exists()
+    child = subprocess.Popen(["true"])
+    child.wait()
+    lock.write_text(f"{socket.gethostname()} {child.pid}")  # its process is gone
+    counts = run_grid(grid, tmp_path, progress=False)
+    assert counts["done"] == 1 and path.exists() and not lock.exists()
+
+
+def test_report_leaves_out_records_that_lack_what_a_row_needs(tmp_path):
+    from clinadapt.runner.records import RECORD_VERSION, write_json_atomic
+
+    run_grid(tiny_grid(methods=["knn"], seeds=1), tmp_path, progress=False)
+    write_json_atomic(
+        tmp_path / "odd.json", {"record_version": RECORD_VERSION, "config": {"method": "knn"}}
+    )
+    md = build_report(tmp_path)["markdown"].read_text()
+    assert md.count("| synthetic-binary |") == 2

@@ -177,3 +177,41 @@ def test_volume_run_predicts_nifti_and_npz(tmp_path, backbone):
     Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(image)
     with pytest.raises(ClinadaptError, match="trained on volumes"):
         predict_files(run_dir, [str(image)], tmp_path / "q.csv", progress=False)
+
+
+def _bitfit(tmp_path, name, **kw):
+    from clinadapt.runner.experiment import ExperimentConfig, run_experiment
+
+    options = dict(
+        dataset="synthetic-binary",
+        backbone="test_cnn",
+        weights="none",
+        method="full",
+        shots="10",
+        bootstrap=0,
+        train={"epochs": 1, "batch_size": 8},
+    )
+    options.update(kw)
+    return run_experiment(ExperimentConfig(**options), run_dir=tmp_path / name, progress=False)
+
+
+def test_same_seed_gives_the_same_numbers(tmp_path):
+    torch.manual_seed(123)  # whatever the global generator holds before the run
+    first = _bitfit(tmp_path, "a")
+    torch.manual_seed(456)
+    second = _bitfit(tmp_path, "b")
+    assert first["metrics"]["test"] == second["metrics"]["test"]
+
+
+def test_run_options_carry_over_to_training_or_are_refused(tmp_path):
+    from clinadapt.errors import ConfigError
+    from clinadapt.runner.experiment import ExperimentConfig
+    from clinadapt.runner.finetune import train_config
+
+    cfg = ExperimentConfig(method="lora", precision="fp32", batch_size=4, max_slices=3)
+    resolved = train_config(cfg)
+    assert (resolved.precision, resolved.batch_size, resolved.max_slices) == ("fp32", 4, 3)
+    with pytest.raises(ConfigError, match="disagree"):
+        train_config(ExperimentConfig(method="lora", batch_size=4, train={"batch_size": 8}))
+    with pytest.raises(ConfigError, match="axial"):
+        _bitfit(tmp_path, "c", dataset="synthetic-3d", volume_mode="coronal")
