@@ -29,7 +29,8 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.data.dataset import Subset
     from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine.predict import predict_proba
-    from clinadapt.engine.train import TrainConfig, train
+    from clinadapt.engine.train import train
+    from clinadapt.engine.train_config import TrainConfig
     from clinadapt.eval import bootstrap_ci, evaluate
     from clinadapt.runner.records import (
         RECORD_VERSION,
