@@ -58,7 +58,8 @@ def worker(variant: str, batch: int, steps: int, warmup: int, threads: int) -> d
     from clinadapt.adapt import AdaptedModel, create_method
     from clinadapt.backbones import create_backbone
     from clinadapt.data import Preprocess
-    from clinadapt.engine.train import TrainConfig, train
+    from clinadapt.engine.train import train
+    from clinadapt.engine.train_config import TrainConfig
 
     class StepTimer(nn.Module):
         """Records when each training forward starts, and the peak memory until then."""

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from clinadapt.backbones import create_backbone
-from clinadapt.backbones.weights import cache_home, file_sha256
+from clinadapt.backbones.weights import file_sha256
 from clinadapt.errors import ClinadaptError, UnsafeCheckpointError
+from clinadapt.paths import cache_home
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "weights"
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

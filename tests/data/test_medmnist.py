@@ -12,6 +12,7 @@ from clinadapt.data import files
 from clinadapt.data.info import TaskType
 from clinadapt.data.medmnist import SIBLING_CACHE, load_medmnist, npz_name
 from clinadapt.errors import ChecksumWarning, DataError
+from clinadapt.paths import cache_home
 
 from .toy import toy_arrays, toy_info
 
@@ -239,7 +240,7 @@ def test_md5_of_large_files_is_remembered(tmp_path, monkeypatch):
     path = tmp_path / "big.bin"
     path.write_bytes(b"abc")
     real = files.md5_file(path)
-    memo = next((files.cache_root() / "md5").glob("*.json"))
+    memo = next((cache_home() / "md5").glob("*.json"))
     memo.write_text(json.dumps({**json.loads(memo.read_text()), "md5": "remembered"}))
     assert files.md5_file(path) == "remembered"
     path.write_bytes(b"abcd")  # size and mtime change: hashed again

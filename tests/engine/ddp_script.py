@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from clinadapt.data import Dataset, Preprocess, make_synthetic
-from clinadapt.engine.train import TrainConfig, train
+from clinadapt.engine.train import train
+from clinadapt.engine.train_config import TrainConfig
 
 PREPROCESS = Preprocess(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "nearest")
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clinadapt.engine.train import TrainConfig, train
+from clinadapt.engine.train import train
+from clinadapt.engine.train_config import TrainConfig
 from clinadapt.errors import ClinadaptError, ConfigError
 
 from .ddp_script import PREPROCESS, tiny_data, tiny_model

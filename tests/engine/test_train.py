@@ -14,7 +14,8 @@ from clinadapt.config import from_dict
 from clinadapt.data import TaskType
 from clinadapt.engine.batches import balanced_sample_weights
 from clinadapt.engine.schedule import lr_factor
-from clinadapt.engine.train import TrainConfig, predict_proba, train
+from clinadapt.engine.train import predict_proba, train
+from clinadapt.engine.train_config import TrainConfig
 from clinadapt.errors import ConfigError
 from clinadapt.eval import evaluate
 

@@ -205,8 +205,8 @@ def test_same_seed_gives_the_same_numbers(tmp_path):
 
 def test_run_options_carry_over_to_training_or_are_refused(tmp_path):
     from clinadapt.errors import ConfigError
+    from clinadapt.runner.common import train_config
     from clinadapt.runner.experiment import ExperimentConfig
-    from clinadapt.runner.finetune import train_config
 
     cfg = ExperimentConfig(method="lora", precision="fp32", batch_size=4, max_slices=3)
     resolved = train_config(cfg)

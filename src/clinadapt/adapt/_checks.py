@@ -1,27 +1,14 @@
-"""Input checks shared by the methods and the evaluator: fail early with a message naming the
-problem, instead of a NumPy or scikit-learn error deep inside a fit."""
+"""Input checks of the frozen-feature methods: fail early with a message naming the problem,
+instead of a NumPy or scikit-learn error deep inside a fit. The label and task checks they share
+with the evaluator live in ``clinadapt.data.checks``."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from clinadapt.data import checks as data_checks
+from clinadapt.data.checks import check_task, compact_labels
 from clinadapt.data.info import TaskType
-from clinadapt.errors import ConfigError, DataError
-
-
-def check_task(task: TaskType | str, num_classes: int) -> TaskType:
-    """``task`` as a ``TaskType``; binary tasks have exactly 2 classes, the others at least 2."""
-    try:
-        task = TaskType(task)
-    except ValueError:
-        choices = [t.value for t in TaskType]
-        raise ConfigError(f"unknown task {task!r}; expected one of {choices}") from None
-    if task is TaskType.BINARY and num_classes != 2:
-        raise DataError(f"a binary task has 2 classes, got num_classes={num_classes}")
-    if num_classes < (1 if task is TaskType.MULTILABEL else 2):
-        raise DataError(f"a {task.value} task needs more classes, got num_classes={num_classes}")
-    return task
+from clinadapt.errors import DataError
 
 
 def check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
@@ -41,20 +28,6 @@ def check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
     return x
 
 
-def check_labels(
-    labels: np.ndarray, task: TaskType, num_classes: int, n: int, what: str = "labels"
-) -> np.ndarray:
-    """``(N,)`` int64 class indices for single-label tasks, ``(N, C)`` int64 0/1 for multi-label;
-    the format itself is checked by ``clinadapt.data.checks.check_labels``."""
-    y = np.asarray(labels)
-    if y.shape[:1] != (n,):
-        raise DataError(
-            f"{what} have {y.shape[0] if y.ndim else 0} rows but there are {n} examples"
-        )
-    y = data_checks.check_labels(y, task, num_classes, what)
-    return y[:, 0] if task.single_label else y
-
-
 def check_fit_inputs(
     features: np.ndarray,
     labels: np.ndarray,
@@ -65,14 +38,14 @@ def check_fit_inputs(
     """Validated ``(x, y, task, val)`` for ``FrozenFeatureMethod.fit``."""
     task = check_task(task, num_classes)
     x = check_features(features)
-    y = check_labels(labels, task, num_classes, len(x))
+    y = compact_labels(labels, task, num_classes, len(x))
     if val is not None:
         xv = check_features(val[0], "validation features")
         if xv.shape[1] != x.shape[1]:
             raise DataError(
                 f"validation features have dimension {xv.shape[1]}, support features {x.shape[1]}"
             )
-        val = (xv, check_labels(val[1], task, num_classes, len(xv), "validation labels"))
+        val = (xv, compact_labels(val[1], task, num_classes, len(xv), "validation labels"))
     return x, y, task, val
 
 

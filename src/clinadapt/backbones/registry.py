@@ -10,9 +10,10 @@ from typing import Any, Literal
 import timm
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
+from clinadapt._optional import require
 from clinadapt.backbones import medmnist_nets
 from clinadapt.backbones.base import PretrainedConfig
-from clinadapt.errors import ClinadaptError, UnknownNameError
+from clinadapt.errors import UnknownNameError
 from clinadapt.registry import Registry, did_you_mean
 
 Library = Literal["timm", "open_clip", "clinadapt"]
@@ -278,13 +279,7 @@ def _timm_spec(full_name: str) -> BackboneSpec:
 
 def import_open_clip() -> ModuleType:
     """open_clip is optional: import it only when a CLIP backbone is requested."""
-    try:
-        import open_clip
-    except ImportError:
-        raise ClinadaptError(
-            "CLIP backbones need open_clip: pip install 'clinadapt[clip]'"
-        ) from None
-    return open_clip
+    return require("open_clip", extra="clip", needed_by="a CLIP backbone")
 
 
 def pretrained_config(spec: BackboneSpec, source: str = "") -> PretrainedConfig:

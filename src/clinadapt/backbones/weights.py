@@ -17,15 +17,11 @@ from torch import nn
 
 from clinadapt.backbones.base import PretrainedConfig
 from clinadapt.errors import ClinadaptError, UnsafeCheckpointError
+from clinadapt.paths import cache_home
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def cache_home() -> Path:
-    """clinadapt's cache folder: ``$CLINADAPT_CACHE`` or ``~/.cache/clinadapt`` (not created)."""
-    return Path(os.environ.get("CLINADAPT_CACHE") or Path.home() / ".cache" / "clinadapt")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
-"""Validation shared by the readers and the sampler: bad pixels and bad labels fail early,
-with the file or value named, instead of surfacing later as a NaN metric."""
+"""Validation shared by the readers, the sampler, the methods and the evaluator: bad pixels,
+labels and tasks fail early, with the file or value named, instead of surfacing later as a NaN
+metric or a NumPy error deep inside a fit."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from clinadapt.data.info import TaskType
-from clinadapt.errors import DataError
+from clinadapt.errors import ConfigError, DataError
 
 _CHECK_BYTES = 1 << 26  # scan memory-mapped arrays in chunks of about this many bytes
 
@@ -69,3 +70,32 @@ def check_labels(labels: np.ndarray, task: TaskType, num_classes: int, where: st
                 "every value must be 0 or 1"
             )
     return labels.astype(np.int64)
+
+
+def compact_labels(
+    labels: np.ndarray, task: TaskType, num_classes: int, n: int, what: str = "labels"
+) -> np.ndarray:
+    """Labels of ``n`` examples as the methods and metrics use them: ``(N,)`` int64 class indices
+    for single-label tasks, ``(N, C)`` int64 0/1 for multi-label; the format itself is checked by
+    ``check_labels``."""
+    y = np.asarray(labels)
+    if y.shape[:1] != (n,):
+        raise DataError(
+            f"{what} have {y.shape[0] if y.ndim else 0} rows but there are {n} examples"
+        )
+    y = check_labels(y, task, num_classes, what)
+    return y[:, 0] if task.single_label else y
+
+
+def check_task(task: TaskType | str, num_classes: int) -> TaskType:
+    """``task`` as a ``TaskType``; binary tasks have exactly 2 classes, the others at least 2."""
+    try:
+        task = TaskType(task)
+    except ValueError:
+        choices = [t.value for t in TaskType]
+        raise ConfigError(f"unknown task {task!r}; expected one of {choices}") from None
+    if task is TaskType.BINARY and num_classes != 2:
+        raise DataError(f"a binary task has 2 classes, got num_classes={num_classes}")
+    if num_classes < (1 if task is TaskType.MULTILABEL else 2):
+        raise DataError(f"a {task.value} task needs more classes, got num_classes={num_classes}")
+    return task

@@ -1,4 +1,4 @@
-"""File plumbing for datasets: the cache folder, md5 checksums and atomic downloads."""
+"""File plumbing for datasets: md5 checksums, writable folders and atomic downloads."""
 
 from __future__ import annotations
 
@@ -15,17 +15,12 @@ from urllib.request import urlopen
 from tqdm import tqdm
 
 from clinadapt.errors import DataError
+from clinadapt.paths import cache_home
 
 CHUNK = 1 << 20
 # Files at least this large get their md5 remembered on disk: re-hashing a multi-GB MedMNIST
 # file on every run costs tens of seconds, small files hash faster than a cache lookup is worth.
 MEMO_MIN_BYTES = 64 << 20
-
-
-def cache_root() -> Path:
-    """Where clinadapt keeps derived files: ``$CLINADAPT_CACHE`` or ``~/.cache/clinadapt``."""
-    env = os.environ.get("CLINADAPT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "clinadapt"
 
 
 def is_writable_dir(path: Path) -> bool:
@@ -58,7 +53,7 @@ def md5_file(path: Path) -> str:
     """MD5 of a file; for large files remembered by (path, bytes, mtime) in the cache folder."""
     st = path.stat()
     stamp = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    memo = cache_root() / "md5" / (hashlib.sha1(stamp["path"].encode()).hexdigest() + ".json")
+    memo = cache_home() / "md5" / (hashlib.sha1(stamp["path"].encode()).hexdigest() + ".json")
     if st.st_size >= MEMO_MIN_BYTES:
         try:
             saved = json.loads(memo.read_text())

@@ -22,6 +22,7 @@ from clinadapt.data.checks import check_labels, check_pixels
 from clinadapt.data.dataset import SPLITS, Dataset, Split
 from clinadapt.data.info import DatasetInfo
 from clinadapt.errors import ChecksumWarning, ConfigError, DataError
+from clinadapt.paths import cache_home
 
 KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 SIBLING_CACHE = ".clinadapt-arrays"
@@ -76,7 +77,7 @@ def _arrays_dir(npz: Path, md5: str) -> Path:
     sibling = npz.parent / SIBLING_CACHE / md5
     if sibling.is_dir() or files.is_writable_dir(npz.parent):
         return sibling
-    return files.cache_root() / "arrays" / md5
+    return cache_home() / "arrays" / md5
 
 
 def _open_arrays(npz: Path, md5: str) -> dict[str, np.ndarray]:

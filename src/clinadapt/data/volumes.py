@@ -7,7 +7,6 @@ nibabel and pydicom are optional: they are imported here, only when a volume is 
 
 from __future__ import annotations
 
-import importlib
 import zlib
 from pathlib import Path
 from types import ModuleType
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clinadapt.errors import ClinadaptError, DataError
+from clinadapt._optional import require
+from clinadapt.errors import DataError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 PERCENTILES = (0.5, 99.5)
@@ -29,12 +29,7 @@ def is_volume(path: Path) -> bool:
 
 
 def _optional(module: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ClinadaptError(
-            f"Reading NIfTI/DICOM volumes needs {module}: pip install 'clinadapt[volumes]'"
-        ) from None
+    return require(module, extra="volumes", needed_by="reading NIfTI/DICOM volumes")
 
 
 def read_volume(path: Path, *, size: int = 64) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt.backbones.weights import cache_home
+from clinadapt.paths import cache_home
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 1  # bump when the extraction changes in a way the key parts do not capture

@@ -40,13 +40,12 @@ from clinadapt.engine.curves import plot_curves, write_history
 from clinadapt.engine.features import memory_format_for
 from clinadapt.engine.losses import build_criterion, mean_nll, probabilities
 from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
+from clinadapt.engine.train_config import EpochCallback, TrainConfig, TrainResult
 from clinadapt.errors import ClinadaptError, ConfigError
 from clinadapt.eval.metrics import evaluate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from clinadapt.engine.train import EpochCallback, TrainConfig, TrainResult
 
 HISTORY_METRICS = ("loss", "auc", "acc", "balanced_accuracy", "macro_f1", "ece")
 
@@ -178,8 +177,6 @@ class Loop:
         self.best_state: dict[str, torch.Tensor] = {}
 
     def run(self, *, resume: bool, on_epoch_end: EpochCallback | None) -> TrainResult:
-        from clinadapt.engine.train import TrainResult
-
         start = time.perf_counter()
         device = self.acc.device
         if device.type == "cuda":

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,157 +25,19 @@ from clinadapt.config import to_dict
 from clinadapt.data.checks import check_labels
 from clinadapt.data.info import TaskType
 from clinadapt.data.transforms import VolumePreprocess
-from clinadapt.engine.augment import AUGMENTS, resolve_augment
+from clinadapt.engine.augment import resolve_augment
 from clinadapt.engine.batches import is_grayscale
 from clinadapt.engine.features import resolve_device, resolve_precision
 from clinadapt.engine.loop import Loop
 from clinadapt.engine.predict import predict_proba
 from clinadapt.engine.runtime import accelerator_session, deterministic_kernels
-from clinadapt.engine.schedule import OPTIMIZERS, SCHEDULES
+from clinadapt.engine.train_config import EpochCallback, TrainConfig, TrainResult
 from clinadapt.errors import ConfigError, DataError
-from clinadapt.registry import did_you_mean
 
 if TYPE_CHECKING:
     from clinadapt.adapt.finetune import AdaptedModel
 
-__all__ = ["TrainConfig", "TrainResult", "predict_proba", "train"]
-
-SELECT_METRICS = ("auc", "acc", "balanced_accuracy", "loss")
-CLASS_BALANCE = ("none", "weights", "sampler")
-TRAIN_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DEVICES = ("auto", "cpu")
-EpochCallback = Callable[[int, dict[str, Any]], None]
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass
-class TrainConfig:
-    """How to train; every field is part of the checkpoint's config hash except num_workers."""
-
-    epochs: int = field(default=20, metadata=_help("training epochs"))
-    batch_size: int = field(default=32, metadata=_help("examples per step and process"))
-    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
-    weight_decay: float = field(
-        default=0.05, metadata=_help("weight decay (not applied to biases and norm weights)")
-    )
-    optimizer: str = field(default="adamw", metadata=_help("adamw | adam | sgd"))
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum (Nesterov when > 0)"))
-    schedule: str = field(
-        default="cosine",
-        metadata=_help(
-            "cosine (linear warm-up, then cosine to 0) | step (x gamma at milestones) | constant"
-        ),
-    )
-    warmup_epochs: float = field(default=1.0, metadata=_help("warm-up length for cosine"))
-    milestones: tuple[int, ...] = field(
-        default=(50, 75), metadata=_help("epochs where the step schedule multiplies lr by gamma")
-    )
-    gamma: float = field(default=0.1, metadata=_help("step schedule decay factor"))
-    grad_accumulation: int = field(
-        default=1, metadata=_help("batches whose gradients are summed per optimiser step")
-    )
-    clip_grad_norm: float = field(
-        default=1.0, metadata=_help("maximum gradient norm; 0 disables clipping")
-    )
-    early_stopping_patience: int = field(
-        default=5, metadata=_help("evaluations without improvement before stopping; 0 disables")
-    )
-    select_metric: str = field(
-        default="auc",
-        metadata=_help(
-            "validation metric choosing the best epoch: auc | acc | balanced_accuracy | loss"
-        ),
-    )
-    class_balance: str = field(
-        default="none",
-        metadata=_help("none | weights (class-weighted loss) | sampler (class-balanced sampling)"),
-    )
-    label_smoothing: float = field(default=0.0, metadata=_help("label smoothing in [0, 1)"))
-    norm_statistics: str = field(
-        default="auto",
-        metadata=_help(
-            "batch-norm running statistics while training: update | frozen (eval mode; scale and "
-            "shift still train) | auto (frozen for pretrained backbones, update from scratch)"
-        ),
-    )
-    precision: str = field(
-        default="auto",
-        metadata=_help("auto (bf16 where native) | bf16 | fp16 (CUDA, with a GradScaler) | fp32"),
-    )
-    device: str = field(
-        default="auto", metadata=_help("auto (a GPU when present, via accelerate) | cpu")
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata=_help("recompute activations to save memory (timm models)")
-    )
-    augment: str = field(
-        default="auto",
-        metadata=_help("auto (light; plus mild colour for RGB) | none | light | medium"),
-    )
-    augment_options: dict[str, Any] = field(
-        default_factory=dict, metadata=_help("overrides of AugmentConfig fields, e.g. vflip: 0.5")
-    )
-    max_slices: int = field(
-        default=0, metadata=_help("volumes: axial slices per volume, evenly spread; 0 for all")
-    )
-    seed: int = field(default=0, metadata=_help("seed of sampling, augmentation and dropout"))
-    deterministic: bool = field(
-        default=True, metadata=_help("deterministic algorithms (reproducible, a little slower)")
-    )
-    num_workers: int = field(default=0, metadata=_help("data-loading worker processes"))
-    eval_every: int = field(default=1, metadata=_help("validate every this many epochs"))
-
-    def __post_init__(self) -> None:
-        for key, choices in (
-            ("optimizer", OPTIMIZERS),
-            ("schedule", SCHEDULES),
-            ("select_metric", SELECT_METRICS),
-            ("class_balance", CLASS_BALANCE),
-            ("precision", TRAIN_PRECISIONS),
-            ("device", DEVICES),
-            ("augment", AUGMENTS),
-        ):
-            value = getattr(self, key)
-            if value not in choices:
-                raise ConfigError(
-                    f"{key}={value!r} is not one of {list(choices)}."
-                    f"{did_you_mean(str(value), list(choices))}"
-                )
-        for key in ("epochs", "batch_size", "grad_accumulation", "eval_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "clip_grad_norm", "warmup_epochs", "momentum"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
-        for key in ("early_stopping_patience", "max_slices", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
-
-
-@dataclass
-class TrainResult:
-    """What a run record needs; ``history`` has one dict per epoch (epoch, train_loss, lr,
-    val_* metrics when validated, seconds)."""
-
-    best_epoch: int
-    best_val: dict[str, Any]
-    history: list[dict[str, Any]]
-    time_per_epoch_s: float
-    total_s: float
-    peak_memory_mb: float
-    stopped_early: bool
-    precision: str
-    trainable_parameters: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["predict_proba", "train"]
 
 
 def train(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt.adapt._checks import check_labels, check_task
+from clinadapt.data.checks import check_task, compact_labels
 from clinadapt.data.info import TaskType
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.eval._weighted import (
@@ -38,7 +38,7 @@ def _prepare(
     if not np.isfinite(s).all():
         raise DataError("scores contain NaN or infinite values; check the model's predictions")
     task = check_task(task, s.shape[1])
-    y = check_labels(labels, task, s.shape[1], len(s))
+    y = compact_labels(labels, task, s.shape[1], len(s))
     if not np.isfinite(threshold):
         raise ConfigError(f"threshold must be a finite number, got {threshold}")
     if n_bins < 1:

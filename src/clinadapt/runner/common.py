@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clinadapt.config import from_dict
 from clinadapt.data.info import DatasetInfo
+from clinadapt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clinadapt.engine.train_config import TrainConfig
 
 PROTOCOL_NOTES = {
     "nearest": "MedMNIST v2 protocol: images upsampled to the backbone size by nearest neighbour",
@@ -124,3 +129,27 @@ def dataset_summary(
         "split_sizes": split_sizes,
         "provenance": provenance,
     }
+
+
+RUN_TO_TRAIN = {"precision": "precision", "batch_size": "batch_size", "max_slices": "max_slices"}
+"""Run options that mean the same in training; given in both places they must agree."""
+
+
+def train_config(cfg: Any) -> TrainConfig:
+    """The training options of a run: ``train.*`` plus the run options that carry over
+    (precision, batch size, slices per volume), the run's seed by default."""
+    from clinadapt.engine.train_config import TrainConfig
+
+    options = {"seed": cfg.seed, **cfg.train}
+    for run_key, train_key in RUN_TO_TRAIN.items():
+        value = getattr(cfg, run_key)
+        unset = value is None or (run_key == "precision" and value == "auto")
+        if unset:
+            continue
+        if train_key in cfg.train and cfg.train[train_key] != value:
+            raise ConfigError(
+                f"{run_key}={value!r} and train.{train_key}={cfg.train[train_key]!r} disagree; "
+                "give one of them"
+            )
+        options[train_key] = value
+    return from_dict(TrainConfig, options, where="train options")

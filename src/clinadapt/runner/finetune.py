@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from clinadapt.config import from_dict, to_dict
+from clinadapt.config import to_dict
 from clinadapt.errors import ConfigError
 from clinadapt.runner.common import (
     backbone_summary,
@@ -19,34 +19,11 @@ from clinadapt.runner.common import (
     protocol,
     sample_support,
     sample_validation,
+    train_config,
 )
 
 if TYPE_CHECKING:
-    from clinadapt.engine.train import TrainConfig
     from clinadapt.runner.experiment import ExperimentConfig
-
-RUN_TO_TRAIN = {"precision": "precision", "batch_size": "batch_size", "max_slices": "max_slices"}
-"""Run options that mean the same in training; given in both places they must agree."""
-
-
-def train_config(cfg: ExperimentConfig) -> TrainConfig:
-    """The training options of a run: ``train.*`` plus the run options that carry over
-    (precision, batch size, slices per volume), the run's seed by default."""
-    from clinadapt.engine.train import TrainConfig
-
-    options = {"seed": cfg.seed, **cfg.train}
-    for run_key, train_key in RUN_TO_TRAIN.items():
-        value = getattr(cfg, run_key)
-        unset = value is None or (run_key == "precision" and value == "auto")
-        if unset:
-            continue
-        if train_key in cfg.train and cfg.train[train_key] != value:
-            raise ConfigError(
-                f"{run_key}={value!r} and train.{train_key}={cfg.train[train_key]!r} disagree; "
-                "give one of them"
-            )
-        options[train_key] = value
-    return from_dict(TrainConfig, options, where="train options")
 
 
 def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:

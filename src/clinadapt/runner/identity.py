@@ -51,7 +51,7 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
         from_dict(method.config_cls, dict(cfg.method_options), where=f"method {cfg.method}")
     )
     if method.kind == "finetune":
-        from clinadapt.runner.finetune import train_config
+        from clinadapt.runner.common import train_config
 
         options["train"] = to_dict(train_config(cfg))
     else:

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from clinadapt._optional import require
 from clinadapt.adapt.base import METHODS
 from clinadapt.adapt.finetune import AdaptedModel, FineTuneMethod, attach_classifier
 from clinadapt.adapt.lora.config import LoRAConfig
@@ -35,11 +36,7 @@ ATTENTION_LEAVES = frozenset(
 
 def import_peft() -> ModuleType:
     """PEFT is needed only by ``lora``: import it when the method is applied."""
-    try:
-        import peft
-    except ImportError:
-        raise ClinadaptError("the lora method needs Hugging Face PEFT: pip install peft") from None
-    return peft
+    return require("peft", extra=None, needed_by="the lora method")
 
 
 def default_targets(model: nn.Module) -> list[str]:
