@@ -74,6 +74,18 @@ class ExperimentConfig:
         default=None, metadata={"help": "feature cache (default: $CLINADAPT_CACHE)"}
     )
 
+    def __post_init__(self) -> None:
+        """Bad numbers fail here, before any data is read or feature extracted."""
+        from clinadapt.errors import ConfigError
+
+        bounds = {"seed": 0, "bootstrap": 0, "batch_size": 1, "input_size": 1, "max_slices": 1}
+        for key, low in bounds.items():
+            value = getattr(self, key)
+            if value is not None and value < low:
+                rule = "must not be negative" if low == 0 else f"must be at least {low}"
+                raise ConfigError(f"{key} {rule}, got {value}")
+        self.shots_value()
+
     def shots_value(self) -> int | str:
         if str(self.shots).lower() == "all":
             return "all"
@@ -324,9 +336,7 @@ def run_experiment(
         from clinadapt.runner.finetune import run_finetune
 
         if run_dir is None:
-            raise ConfigError(
-                f"method {cfg.method!r} trains a model: give an output folder (--out)"
-            )
+            raise ConfigError(f"method {cfg.method!r} trains a model: pass run_dir")
         return run_finetune(cfg, run_dir, progress=progress)
     bundle = prepare_features(cfg, progress=progress)
     record = run_on_features(cfg, bundle)
