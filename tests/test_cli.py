@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,205 @@ def test_bench_and_report_end_to_end(tmp_path, capsys):
 def test_module_entry_point(entry):
     proc = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "bench" in proc.stdout
+
+
+SYNTH = ["--dataset", "synthetic-binary", "--backbone", "test_cnn", "--weights", "none"]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command reads data or loads a trained run: its error must come first."""
+    import clinadapt.data
+    import clinadapt.runner.predict
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command started working before it checked its options")
+
+    monkeypatch.setattr(clinadapt.data, "load_dataset", started)
+    monkeypatch.setattr(clinadapt.runner.predict, "load_run", started)
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    from clinadapt.cli import build_parser
+
+    parser = build_parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(actions[0].choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_help_of_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: clinadapt " + command in capsys.readouterr().out
+
+
+def test_run_help_shows_percent_signs(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "95% CIs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["run", "train", "bench", "pretrain"])
+def test_overrides_may_stand_between_options(command):
+    from clinadapt.cli import parse_args
+
+    args = parse_args([command, "a=1", "--quiet", "b.c=2", "--out", "o", "d=3", "e=4"])
+    assert args.overrides == ["a=1", "b.c=2", "d=3", "e=4"] and args.quiet and args.out == "o"
+
+
+@pytest.mark.parametrize("argv", [["run", "--bogus"], ["run", "a=1", "--quiet", "--bogus"]])
+def test_unknown_options_are_still_refused(argv, capsys):
+    from clinadapt.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
+def test_run_with_overrides_between_options(tmp_path):
+    out = tmp_path / "rec.json"
+    argv = ["run", "method=knn", *SYNTH, "method.k=3", "--quiet", "shots=4", "--out", str(out)]
+    assert main([*argv, "bootstrap=0"]) == 0
+    assert json.loads(out.read_text())["method"]["config"]["k"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", *SYNTH, "--seed", "-1"], "seed must not be negative, got -1"),
+        (["run", *SYNTH, "--input-size", "0"], "input_size must be at least 1, got 0"),
+        (["run", *SYNTH, "--bootstrap", "-5"], "bootstrap must not be negative, got -5"),
+        (["run", *SYNTH, "--batch-size", "0"], "batch_size must be at least 1, got 0"),
+        (["run", *SYNTH, "--max-slices", "0"], "max_slices must be at least 1, got 0"),
+        (["run", *SYNTH, "shots=0"], "shots must be a positive integer or 'all'"),
+        (["bench", "--datasets", "synthetic-binary", "--seeds", "0"], "seeds must be at least 1"),
+        (["bench", "--datasets", "synthetic-binary", "batch_size=0"], "batch_size must be"),
+    ],
+)
+def test_numeric_options_are_checked_before_any_work(argv, message, tmp_path, no_work, capsys):
+    out = ["--out", str(tmp_path / ("bench" if argv[0] == "bench" else "rec.json"))]
+    assert main([*argv, *out, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_training_options_of_a_frozen_method_are_an_error(no_work, capsys):
+    assert main(["run", *SYNTH, "method=knn", "train.epochs=5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs" in err and "only apply to gradient-based methods" in err
+    assert main(["run", *SYNTH, "method=linear", "--resume", "--quiet"]) == 2
+    assert "--resume only applies to" in capsys.readouterr().err
+
+
+def test_run_with_a_training_method_points_to_train(no_work, capsys):
+    assert main(["run", *SYNTH, "method=lora", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "clinadapt train --out RUN_DIR" in err and "(--out)" not in err
+
+
+def _under_a_file(tmp_path):
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("")
+    return blocker / "sub" / "target"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", *SYNTH, "method=knn", "--out"],
+        ["train", *SYNTH, "method=lora", "--out"],
+        ["pretrain", "--data", "synthetic-binary", "--out"],
+        ["bench", "--datasets", "synthetic-binary", "--out"],
+        ["predict", "some-run", "image.png", "--out"],
+        ["export", "some-run", "--out"],
+        ["quickstart", "--out"],
+        ["report", "some-runs", "--out"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_output_under_a_file_is_refused_before_any_work(argv, tmp_path, no_work, capsys):
+    assert main([*argv, str(_under_a_file(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "plain-file is a file, not a folder" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders"
+)
+def test_output_in_a_read_only_folder_is_refused_before_any_work(tmp_path, no_work, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["run", *SYNTH, "method=knn", "--out", str(locked / "rec.json")]) == 2
+    finally:
+        locked.chmod(0o755)
+    assert f"{locked} is not writable" in capsys.readouterr().err
+
+
+def test_run_refuses_to_replace_a_record_unless_forced(tmp_path, capsys):
+    out = tmp_path / "rec.json"
+    out.write_text("{}")
+    argv = ["run", *SYNTH, "method=knn", "shots=4", "bootstrap=0", "--quiet", "--out", str(out)]
+    assert main(argv) == 2
+    assert "--force" in capsys.readouterr().err and out.read_text() == "{}"
+    assert main([*argv, "--force"]) == 0
+    assert json.loads(out.read_text())["config"]["method"] == "knn"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", *SYNTH, "method=lora"], ["pretrain", "--data", "synthetic-binary"]],
+    ids=["train", "pretrain"],
+)
+def test_an_interrupted_run_is_not_restarted_without_resume(argv, tmp_path, no_work, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    (run_dir / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 3}))
+    assert main([*argv, "--quiet", "--out", str(run_dir)]) == 2
+    assert (
+        f"{run_dir} holds an interrupted run (epoch 3); add --resume to continue it or choose "
+        "another --out" in capsys.readouterr().err
+    )
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text()) == {"epoch": 3}
+
+
+@pytest.mark.parametrize(
+    ("command", "pattern", "hint"),
+    [
+        ("datasets", "synth", "try 'synth*'"),
+        ("backbones", "dino", "try 'dino*'"),
+        ("methods", "nn", "try '*nn*'"),
+        ("datasets", "zzz", ""),
+    ],
+)
+def test_a_pattern_matching_nothing_is_an_error(command, pattern, hint, capsys):
+    assert main([command, pattern]) == 2
+    captured = capsys.readouterr()
+    kind = {"datasets": "dataset", "backbones": "backbone", "methods": "method"}[command]
+    assert f"no {kind} matches {pattern!r}" in captured.err and hint in captured.err
+    assert captured.out == ""
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def test_training_writes_files_with_the_umask_mode(tmp_path, umask_027):
+    run_dir = tmp_path / "run"
+    argv = ["train", *SYNTH, "method=bitfit", "shots=4", "--out", str(run_dir), "--quiet"]
+    assert main([*argv, "train.epochs=1", "train.batch_size=8", "bootstrap=0"]) == 0
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {"record.json", "adapter.safetensors", "adapter_config.json", "state.json"} <= {
+        p.name for p in files
+    }
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.name: oct(umask_027) for p in files
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import logging
 import sys
@@ -11,10 +12,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from clinadapt.errors import ChecksumWarning, ClinadaptError, ConfigError
+from clinadapt.errors import ChecksumWarning, ClinadaptError, ConfigError, UnknownNameError
+from clinadapt.registry import did_you_mean
 
 NESTED = ("method_options", "train", "view_options")  # method.K=V, train.K=V, views.K=V
 PER_METHOD = "per_method_options"  # method.NAME.K=V: an option of one method in a grid
+
+
+def _help(field: dataclasses.Field) -> str:
+    """A config field's help text as argparse wants it: a literal ``%`` doubled."""
+    return field.metadata.get("help", "").replace("%", "%%")
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple = ()) -> None:
@@ -23,7 +30,7 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tup
         if f.name in skip or f.name in NESTED:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = _help(f)
         if f.type in ("bool", bool):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -94,10 +101,24 @@ def _config_from_args(args: argparse.Namespace, cls: type) -> Any:
     return from_dict(cls, options)
 
 
+def _no_match(kind: str, pattern: str, names: list[str]) -> UnknownNameError:
+    """A listing pattern that matches nothing: close names, and a wider pattern that matches."""
+    wider = [f"{pattern}*", f"*{pattern}*"] if not any(c in pattern for c in "*?[") else []
+    matching = next((w for w in wider if fnmatch.filter(names, w.lower())), None)
+    hint = (
+        f" Patterns are wildcards: try {matching!r}."
+        if matching
+        else f" Run `clinadapt {kind}s` to list them all."
+    )
+    return UnknownNameError(f"no {kind} matches {pattern!r}.{did_you_mean(pattern, names)}{hint}")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         from clinadapt.data import DATASETS
 
+        if not DATASETS.names(args.pattern):
+            raise _no_match("dataset", args.pattern, DATASETS.names())
         for name in DATASETS.names(args.pattern):
             info = DATASETS.get(name)
             kind = "3D" if info.ndim == 3 else "2D"
@@ -109,6 +130,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.command == "backbones":
         from clinadapt.backbones import BACKBONES
 
+        if not BACKBONES.names(args.pattern):
+            raise _no_match("backbone", args.pattern, BACKBONES.names())
         for name in BACKBONES.names(args.pattern):
             spec = BACKBONES.get(name)
             print(f"{name:18s} {spec.library}:{spec.model_name}  {spec.description}")
@@ -117,6 +140,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         from clinadapt.adapt import METHODS
         from clinadapt.ssl import SSL_METHODS
 
+        if not METHODS.names(args.pattern) + SSL_METHODS.names(args.pattern):
+            raise _no_match("method", args.pattern, METHODS.names() + SSL_METHODS.names())
         for title, registry in (
             ("adaptation", METHODS),
             ("pretraining (clinadapt pretrain)", SSL_METHODS),
@@ -134,18 +159,69 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_method(cfg: Any, command: str) -> None:
+    """Options that the method would ignore, or a method that ``run`` cannot keep, are errors."""
+    from clinadapt.adapt import METHODS
+
+    if METHODS.get(cfg.method).kind == "finetune":
+        if command == "run":
+            raise ConfigError(
+                f"method {cfg.method!r} trains a model, which `clinadapt run` does not keep: use "
+                "`clinadapt train --out RUN_DIR` with the same options (it writes the record, "
+                "checkpoints and adapter into RUN_DIR)"
+            )
+        return
+    trained = [n for n in METHODS.names() if METHODS.get(n).kind == "finetune"]
+    if cfg.train:
+        given = ", ".join(f"train.{key}" for key in cfg.train)
+        raise ConfigError(
+            f"{given}: training options only apply to gradient-based methods "
+            f"({', '.join(trained)}); {cfg.method!r} fits on frozen features, so drop them"
+        )
+    if cfg.resume:
+        raise ConfigError(
+            f"--resume only applies to trained runs ({', '.join(trained)}); {cfg.method!r} fits "
+            "on frozen features, so drop it"
+        )
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A run folder to train into: writable, and holding no finished run and, unless resuming,
+    no interrupted one (starting again would overwrite its checkpoint)."""
+    from clinadapt.engine.checkpoint import CheckpointDir
+    from clinadapt.runner.records import check_writable
+
+    check_writable(run_dir, "run folder", folder=True)
+    if resume:
+        return
+    if (run_dir / "record.json").exists():
+        raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
+    epoch = CheckpointDir(run_dir / "checkpoint").epoch()
+    if epoch is not None:
+        raise ConfigError(
+            f"{run_dir} holds an interrupted run (epoch {epoch}); add --resume to continue it or "
+            "choose another --out"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from clinadapt.runner.experiment import ExperimentConfig, run_experiment
-    from clinadapt.runner.records import is_main_process, write_json_atomic
+    from clinadapt.runner.records import check_writable, is_main_process, write_json_atomic
 
     cfg = _config_from_args(args, ExperimentConfig)
+    _check_method(cfg, args.command)
     if args.command == "train":
         run_dir = Path(args.out)
         out = run_dir / "record.json"
-        if out.exists() and not cfg.resume:
-            raise ClinadaptError(f"{run_dir} already holds a finished run; choose another --out")
+        _check_run_dir(run_dir, cfg.resume)
     else:
         run_dir, out = None, Path(args.out) if args.out else None
+        if out:
+            check_writable(out, "record file")
+            if out.exists() and not args.force:
+                raise ConfigError(
+                    f"{out} exists; add --force to replace it or choose another --out"
+                )
     record = run_experiment(cfg, run_dir=run_dir, progress=not args.quiet)
     if out:
         write_json_atomic(out, record)
@@ -172,8 +248,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args, PretrainConfig)
     run_dir = Path(args.out)
     out = run_dir / "record.json"
-    if out.exists() and not cfg.resume:
-        raise ClinadaptError(f"{run_dir} already holds a finished run; choose another --out")
+    _check_run_dir(run_dir, cfg.resume)
     record = run_pretrain(cfg, run_dir, progress=not args.quiet)
     write_json_atomic(out, record)
     if is_main_process():
@@ -230,17 +305,25 @@ def _run_grid_and_report(grid, out: Path, progress: bool) -> int:
     return 1 if counts["failed"] and not counts["done"] else 0
 
 
+def _out_folder(path: str | Path, kind: str) -> Path:
+    from clinadapt.runner.records import check_writable
+
+    return check_writable(path, kind, folder=True)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _run_grid_and_report(_grid_from_args(args), Path(args.out), not args.quiet)
+    out = _out_folder(args.out, "bench folder")
+    return _run_grid_and_report(_grid_from_args(args), out, not args.quiet)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from clinadapt.runner.presets import quickstart
 
+    out = _out_folder(args.out, "output folder")
     preset = quickstart(data_root=args.data_root, weights_root=args.weights_root)
     for notice in preset.notices:
         print(f"NOTICE: {notice}", file=sys.stderr)
-    return _run_grid_and_report(preset.grid, Path(args.out), not args.quiet)
+    return _run_grid_and_report(preset.grid, out, not args.quiet)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -249,8 +332,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from clinadapt.runner.records import read_records
     from clinadapt.runner.report import build_report, published_comparison, summarise
 
+    out = _out_folder(args.out, "output folder")
     datasets = args.datasets.split(",") if args.datasets else None
-    out = Path(args.out)
     for preset in medmnist_v2(args.data_root, datasets, args.epochs):
         for notice in preset.notices:
             print(f"NOTICE: {notice}", file=sys.stderr)
@@ -264,6 +347,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from clinadapt.runner.report import build_report
 
+    # the default report folder lies inside RUN_DIR
+    _out_folder(*((args.out, "report folder") if args.out else (args.run_dir, "run folder")))
     paths = build_report(args.run_dir, args.out)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
@@ -272,6 +357,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from clinadapt.runner.export import export_run
 
+    # the default export folder lies inside RUN_DIR
+    _out_folder(*((args.out, "export folder") if args.out else (args.run_dir, "run folder")))
     out = export_run(args.run_dir, args.out, merge=args.merge)
     print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0
@@ -279,7 +366,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from clinadapt.runner.predict import predict_files
+    from clinadapt.runner.records import check_writable
 
+    check_writable(args.out, "CSV file")
     out = predict_files(
         args.run_dir, args.inputs, args.out, batch_size=args.batch_size, progress=not args.quiet
     )
@@ -312,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_list)
 
     for name, out_help, help_text in (
-        ("run", "write the JSON record here", "run one experiment (YAML file and/or options)"),
+        (
+            "run",
+            "write the JSON record here (an existing file is kept unless --force)",
+            "run one experiment of a frozen-feature method (YAML file and/or options)",
+        ),
         (
             "train",
             "run folder: record, checkpoints, adapter",
@@ -323,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file of ExperimentConfig options")
         _add_dataclass_options(p, ExperimentConfig)
         p.add_argument("--out", required=name == "train", help=out_help)
+        if name == "run":
+            p.add_argument("--force", action="store_true", help="replace an existing --out record")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument(
             "overrides",
@@ -357,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + f.name,
             default=None,
             type=int if f.name == "seeds" else str,
-            help=f.metadata.get("help", ""),
+            help=_help(f),
         )
     _add_dataclass_options(p, ExperimentConfig, skip=GRID_AXES)
     p.add_argument(
@@ -418,9 +513,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, with ``key=value`` overrides accepted between options too.
+
+    argparse fills the ``overrides`` positional from the first run of them only; the later ones
+    come back as unrecognised arguments and are appended here, in order.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    overrides = hasattr(args, "overrides")
+    late = [a for a in extras if overrides and "=" in a and not a.startswith("-")]
+    unknown = [a for a in extras if a not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s: %(message)s",

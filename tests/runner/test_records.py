@@ -1,10 +1,17 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 
-from clinadapt.runner.records import RECORD_VERSION, read_records, write_json_atomic
+from clinadapt.errors import ConfigError
+from clinadapt.runner.records import (
+    RECORD_VERSION,
+    check_writable,
+    read_records,
+    write_json_atomic,
+)
 
 
 def test_records_are_valid_json_with_nan_as_null(tmp_path):
@@ -40,3 +47,42 @@ def test_only_the_main_process_writes(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     write_json_atomic(tmp_path / "rec.json", {"record_version": RECORD_VERSION})
     assert (tmp_path / "rec.json").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_records_get_the_mode_the_umask_allows(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "rec.json", {"record_version": RECORD_VERSION})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "rec.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_check_writable_accepts_new_and_existing_targets(tmp_path):
+    assert check_writable(tmp_path / "a" / "b" / "rec.json", "record file") == (
+        tmp_path / "a" / "b" / "rec.json"
+    )
+    assert check_writable(tmp_path, "run folder", folder=True) == tmp_path
+    assert not (tmp_path / "a").exists()  # checking creates nothing
+
+
+def test_check_writable_names_the_blocking_path(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"file.txt is a file, not a folder"):
+        check_writable(blocker / "x" / "rec.json", "record file")
+    with pytest.raises(ConfigError, match=r"file.txt is a file, not a folder"):
+        check_writable(blocker, "run folder", folder=True)
+    with pytest.raises(ConfigError, match=r"is a folder, not a file"):
+        check_writable(tmp_path, "record file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_writable_refuses_read_only_folders(tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match="is not writable"):
+            check_writable(tmp_path / "new" / "rec.json", "record file")
+    finally:
+        tmp_path.chmod(0o755)

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from clinadapt.adapt.base import METHODS
 from clinadapt.adapt.finetune import AdaptedModel, FineTuneMethod
 from clinadapt.config import from_dict, to_dict
+from clinadapt.engine.checkpoint import save_safetensors
 from clinadapt.errors import ClinadaptError
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -78,7 +79,7 @@ def save_adapter(
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.cpu() for k, v in model.trainable_state_dict().items()}
-    save_file(state, str(path / ADAPTER_FILE), metadata={"format": "pt"})
+    save_safetensors(state, path / ADAPTER_FILE, metadata={"format": "pt"})
     config: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "method": name,

@@ -38,6 +38,17 @@ from clinadapt.errors import ClinadaptError, ConfigError
 STATE_FILE = "state.json"
 
 
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors``' ``save_file``, but the file gets the mode the umask gives any new file
+    (``save_file`` makes it private to its owner, 0600, unlike every other file of a run)."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and every persistent buffer (norm running statistics and the like,
     small next to the weights): all that training can change, as contiguous CPU copies."""
@@ -141,8 +152,8 @@ class CheckpointDir:
         training: dict[str, Any],
         meta: dict[str, Any],
     ) -> None:
-        save_file(model, self.staging / "model.safetensors")
-        save_file(best, self.staging / "best.safetensors")
+        save_safetensors(model, self.staging / "model.safetensors")
+        save_safetensors(best, self.staging / "best.safetensors")
         torch.save(training, self.staging / "training.pt")
         for path in self.staging.iterdir():
             _fsync(path)
@@ -154,13 +165,25 @@ class CheckpointDir:
         os.replace(self.staging, self.root)
         shutil.rmtree(self.old, ignore_errors=True)
 
+    def _latest(self) -> Path | None:
+        """``root``, or ``old`` when a crash fell between the renames; None without either."""
+        return next((d for d in (self.root, self.old) if (d / STATE_FILE).is_file()), None)
+
+    def epoch(self) -> int | None:
+        """The last completed epoch of the checkpoint, without loading it; None when there is
+        none."""
+        directory = self._latest()
+        if directory is None:
+            return None
+        return json.loads((directory / STATE_FILE).read_text())["epoch"]
+
     def load(self, resolved: dict[str, Any]) -> Checkpoint | None:
         """The last complete checkpoint, or None when there is none.
 
         Raises ``ConfigError`` naming the differing keys when it was written with another
         configuration than ``resolved``.
         """
-        directory = next((d for d in (self.root, self.old) if (d / STATE_FILE).is_file()), None)
+        directory = self._latest()
         if directory is None:
             return None
         meta = json.loads((directory / STATE_FILE).read_text())

@@ -63,6 +63,12 @@ class GridConfig:
         },
     )
 
+    def __post_init__(self) -> None:
+        from clinadapt.errors import ConfigError
+
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be at least 1 (runs seeds 0..seeds-1), got {self.seeds}")
+
 
 def record_path(out_dir: Path, cfg: ExperimentConfig) -> Path:
     """Where a run's record lives: readable axes, then the run's identity (a hash of its whole

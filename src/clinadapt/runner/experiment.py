@@ -84,9 +84,21 @@ class ExperimentConfig:
         None, "features", "3D through 2D: embed at most this many evenly spread slices per plane"
     )
     allow_fewer_shots: bool = _opt(False, "run", "use all examples of a class smaller than shots")
-    bootstrap: int = _opt(1000, "run", "bootstrap resamples for 95 percent CIs")
+    bootstrap: int = _opt(1000, "run", "bootstrap resamples for 95% CIs")
     trust_pickle: bool = _opt(False, "place", "allow loading pickle (.pt/.pth/.bin) checkpoints")
     cache_dir: str | None = _opt(None, "place", "feature cache (default: $CLINADAPT_CACHE)")
+
+    def __post_init__(self) -> None:
+        """Bad numbers fail here, before any data is read or feature extracted."""
+        from clinadapt.errors import ConfigError
+
+        bounds = {"seed": 0, "bootstrap": 0, "batch_size": 1, "input_size": 1, "max_slices": 1}
+        for key, low in bounds.items():
+            value = getattr(self, key)
+            if value is not None and value < low:
+                rule = "must not be negative" if low == 0 else f"must be at least {low}"
+                raise ConfigError(f"{key} {rule}, got {value}")
+        self.val_shots_value()
 
     def shots_value(self) -> int | str:
         return _budget(self.shots, "shots")
@@ -289,9 +301,6 @@ def run_experiment(
         from clinadapt.runner.finetune import run_finetune
 
         if run_dir is None:
-            raise ConfigError(
-                f"method {cfg.method!r} trains a model and needs a run folder: use "
-                f"`clinadapt train --method {cfg.method} --out RUN_DIR`"
-            )
+            raise ConfigError(f"method {cfg.method!r} trains a model: pass run_dir")
         return run_finetune(cfg, run_dir, progress=progress)
     return run_on_features(cfg, prepare_features(cfg, progress=progress))

@@ -14,9 +14,8 @@ def export_run(
     run_dir: str | Path, out_dir: str | Path | None = None, *, merge: bool = False
 ) -> Path:
     """Write the adapter (default) or one merged checkpoint (``merge``) plus MODEL_CARD.md."""
-    from safetensors.torch import save_file
-
     from clinadapt.backbones import get_spec
+    from clinadapt.engine.checkpoint import save_safetensors
     from clinadapt.runner.predict import load_run
 
     run_dir = Path(run_dir)
@@ -34,7 +33,7 @@ def export_run(
             )
         plain = method.merge(model)
         state = {k: v.detach().contiguous() for k, v in plain.state_dict().items()}
-        save_file(state, out / "model.safetensors")
+        save_safetensors(state, out / "model.safetensors")
         config = {
             "architecture": spec.model_name,
             "create_model_kwargs": {

@@ -218,9 +218,8 @@ def _plain_encoder(encoder: nn.Module) -> nn.Module:
 
 def _export(plain: nn.Module, cfg: PretrainConfig, backbone: Any, spec: Any, out: Path) -> None:
     """``model.safetensors`` + ``config.json`` that ``create_backbone(name, out)`` rebuilds."""
-    from safetensors.torch import save_file
-
     from clinadapt.backbones.weights import CONFIG_FILE, WEIGHTS_FILE, resolve_local_weights
+    from clinadapt.engine.checkpoint import save_safetensors
     from clinadapt.runner.records import is_main_process, write_json_atomic
 
     if not is_main_process():
@@ -233,7 +232,7 @@ def _export(plain: nn.Module, cfg: PretrainConfig, backbone: Any, spec: Any, out
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
     tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, tmp)
+    save_safetensors(state, tmp)
     tmp.replace(out / WEIGHTS_FILE)
     write_json_atomic(
         out / CONFIG_FILE,

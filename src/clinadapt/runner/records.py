@@ -9,10 +9,12 @@ import os
 import platform
 import resource
 import sys
-import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from clinadapt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 2  # 2: run identity, labels used, setup and run time apart
@@ -121,15 +123,39 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     if not is_main_process():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # not mkstemp: its files are private (0600); a record gets the mode the umask gives any file
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
+        with open(tmp, "x") as handle:
             json.dump(_json_safe(data), handle, indent=2, sort_keys=True)
             handle.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | Path, kind: str, *, folder: bool = False) -> Path:
+    """Fail before any work when ``path`` (a file, or a folder with ``folder``) cannot be
+    written: a file where a folder must be, or a folder without write permission. ``kind`` names
+    it in the message (e.g. "record file"). Creates nothing."""
+    path = Path(path)
+    problem = f"cannot write the {kind} {path}"
+    if path.exists():
+        if path.is_dir() != folder:
+            what = "a folder, not a file" if path.is_dir() else "a file, not a folder"
+            raise ConfigError(f"{problem}: {path} is {what}")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise ConfigError(f"{problem}: {path} is not writable")
+        return path
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{problem}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{problem}: {parent} is not writable")
+    return path
 
 
 def read_records(directory: str | Path) -> list[dict[str, Any]]:
