@@ -323,3 +323,21 @@ def test_training_writes_files_with_the_umask_mode(tmp_path, umask_027):
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
         p.name: oct(umask_027) for p in files
     }
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path, no_work, capsys):
+    run_dir = tmp_path / "empty"
+    assert main(["train", *SYNTH, "method=lora", "--resume", "--quiet", "--out", str(run_dir)]) == 2
+    assert "holds no interrupted run" in capsys.readouterr().err
+
+
+def test_bad_training_options_fail_before_any_work(tmp_path, no_work, capsys):
+    argv = ["train", *SYNTH, "method=lora", "train.epochs=0", "--quiet", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_refuses_to_set_a_grid_axis_for_every_run(tmp_path, no_work, capsys):
+    argv = ["bench", "--datasets", "synthetic-binary", "seed=2", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 2
+    assert "--seeds" in capsys.readouterr().err

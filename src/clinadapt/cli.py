@@ -170,6 +170,9 @@ def _check_method(cfg: Any, command: str) -> None:
                 "`clinadapt train --out RUN_DIR` with the same options (it writes the record, "
                 "checkpoints and adapter into RUN_DIR)"
             )
+        from clinadapt.runner.common import train_config
+
+        train_config(cfg)  # bad training options fail before any data is read
         return
     trained = [n for n in METHODS.names() if METHODS.get(n).kind == "finetune"]
     if cfg.train:
@@ -192,11 +195,16 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
     from clinadapt.runner.records import check_writable
 
     check_writable(run_dir, "run folder", folder=True)
+    epoch = CheckpointDir(run_dir / "checkpoint").epoch()
     if resume:
+        if epoch is None and not (run_dir / "record.json").exists():
+            raise ConfigError(
+                f"--resume: {run_dir} holds no interrupted run to continue; drop --resume to "
+                "start a new one"
+            )
         return
     if (run_dir / "record.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
-    epoch = CheckpointDir(run_dir / "checkpoint").epoch()
     if epoch is not None:
         raise ConfigError(
             f"{run_dir} holds an interrupted run (epoch {epoch}); add --resume to continue it or "

@@ -26,7 +26,7 @@ from clinadapt.runner.experiment import (
     run_experiment,
     run_on_features,
 )
-from clinadapt.runner.identity import bundle_key, run_id
+from clinadapt.runner.identity import GRID_AXES, bundle_key, run_id
 from clinadapt.runner.records import failure_record, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,14 @@ class GridConfig:
     )
 
     def __post_init__(self) -> None:
-        from clinadapt.errors import ConfigError
-
         if self.seeds < 1:
             raise ConfigError(f"seeds must be at least 1 (runs seeds 0..seeds-1), got {self.seeds}")
+        axes = sorted(set(self.base) & set(GRID_AXES))
+        if axes:
+            flags = ", ".join(f"--{a}s" if a != "shots" else "--shots" for a in axes)
+            raise ConfigError(
+                f"{axes} are axes of the grid and cannot be set for every run; use {flags}"
+            )
 
 
 def record_path(out_dir: Path, cfg: ExperimentConfig) -> Path:

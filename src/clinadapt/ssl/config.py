@@ -93,6 +93,8 @@ class PretrainConfig:
     num_workers: int = field(default=0, metadata=_help("data-loading worker processes"))
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed must not be negative, got {self.seed}")
         for key, choices in (("precision", PRECISIONS), ("norm_statistics", NORM_STATISTICS)):
             value = getattr(self, key)
             if value not in choices:
