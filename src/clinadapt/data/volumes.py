@@ -21,6 +21,10 @@ from clinadapt.errors import ClinadaptError, DataError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 PERCENTILES = (0.5, 99.5)
+INTENSITY = (
+    f"each volume clipped to its {PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles and scaled to "
+    "[0, 1]"
+)
 
 
 def is_volume(path: Path) -> bool:
@@ -73,11 +77,27 @@ def scale_intensity(volume: np.ndarray) -> np.ndarray:
 
 def _read_nifti(path: Path) -> np.ndarray:
     nib = _optional("nibabel")
+    # a damaged header shows up as many kinds of error: an unknown datatype code
+    # (HeaderDataError), a non-numeric one (TypeError), a negative size (OverflowError)
+    unreadable = (
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        OverflowError,
+        MemoryError,
+        zlib.error,
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+    )
     try:
         image = nib.as_closest_canonical(nib.load(str(path)))
         data = np.asarray(image.dataobj, dtype=np.float32)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
-        raise DataError(f"{path}: cannot read this NIfTI file ({err})") from None
+    except unreadable as err:
+        raise DataError(
+            f"{path}: cannot read this NIfTI file ({err}); its header or data is damaged: "
+            "export it again or remove it"
+        ) from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     # RAS+ (x, y, z) -> (D, H, W) with D along the superior axis: axial slices, like DICOM.
