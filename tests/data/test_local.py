@@ -177,6 +177,7 @@ def test_seed_changes_split_and_fingerprint(tmp_path):
     ("header", "row", "pattern"),
     [
         ("path,label", "missing.png,a", r"line 2: .*missing.png does not exist"),
+        ("path,label", ",a", r"line 2: the path is empty"),
         ("path,label,split", "0.png,a,tset", "Did you mean 'test'"),
         ("path,label,split", "0.png,a,", "split is empty"),
         ("path,label", "0.png,", "label is empty"),

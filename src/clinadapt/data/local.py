@@ -95,7 +95,9 @@ def load_manifest(
     for line, row in numbered:
         where = f"{csv_path}, line {line}"
         path = csv_path.parent / row["path"]
-        if not row["path"] or not path.exists():
+        if not row["path"]:
+            raise DataError(f"{where}: the path is empty; fill it in every row")
+        if not path.exists():
             raise DataError(f"{where}: {path} does not exist")
         names = [t.strip() for t in row["label"].split("|") if t.strip()]
         if not names and not multi:

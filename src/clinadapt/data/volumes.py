@@ -7,8 +7,11 @@ nibabel and pydicom are optional: they are imported here, only when a volume is 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -75,6 +78,16 @@ def scale_intensity(volume: np.ndarray) -> np.ndarray:
     return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger) -> Iterator[None]:
+    """nibabel logs each header problem to stderr besides raising; the DataError says enough."""
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
 def _read_nifti(path: Path) -> np.ndarray:
     nib = _optional("nibabel")
     # a damaged header shows up as many kinds of error: an unknown datatype code
@@ -91,8 +104,9 @@ def _read_nifti(path: Path) -> np.ndarray:
         nib.spatialimages.HeaderDataError,
     )
     try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        with _silenced(nib.imageglobals.logger):
+            image = nib.as_closest_canonical(nib.load(str(path)))
+            data = np.asarray(image.dataobj, dtype=np.float32)
     except unreadable as err:
         raise DataError(
             f"{path}: cannot read this NIfTI file ({err}); its header or data is damaged: "
