@@ -1,7 +1,10 @@
 """``clinadapt predict`` inputs: the pixel contract, byte order, damaged files, no stray files."""
 
+import csv
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from clinadapt.cli import main
 from clinadapt.errors import DataError
@@ -89,3 +92,17 @@ def test_a_failing_input_leaves_no_partial_csv(cnn_run, tmp_path):
     assert not out.exists() and list(out.parent.iterdir()) == []
     assert predict_files(cnn_run, [good], out, progress=False) == out
     assert list(out.parent.iterdir()) == [out]
+
+
+def test_uint8_and_float_inputs_are_not_batched_together(cnn_run, tmp_path):
+    rng = np.random.default_rng(0)
+    png = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(png)
+    floats = npz(tmp_path / "f.npz", rng.random((2, 28, 28), dtype=np.float32))
+    alone = read_rows(predict_files(cnn_run, [str(png)], tmp_path / "a.csv", progress=False))
+    mixed = predict_files(cnn_run, [str(png), floats], tmp_path / "m.csv", progress=False)
+    assert read_rows(mixed)[0] == alone[0]
+
+
+def read_rows(path):
+    return list(csv.DictReader(path.open()))

@@ -177,10 +177,14 @@ def predict_files(
 
 
 def _batches(items: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list]:
-    """Consecutive items of equal shape, at most ``size`` at a time."""
+    """Consecutive items of equal shape and dtype, at most ``size`` at a time: stacking uint8
+    with float images would turn 0-255 values into floats read as if in [0, 1]."""
     batch: list = []
     for item in items:
-        if batch and (len(batch) == size or batch[0][1].shape != item[1].shape):
+        first = batch[0][1] if batch else None
+        if batch and (
+            len(batch) == size or first.shape != item[1].shape or first.dtype != item[1].dtype
+        ):
             yield batch
             batch = []
         batch.append(item)
