@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from clinadapt.backbones import create_backbone
 from clinadapt.backbones.weights import file_sha256
-from clinadapt.errors import ClinadaptError, UnsafeCheckpointError
+from clinadapt.errors import ClinadaptError, ConfigError, UnsafeCheckpointError
 from clinadapt.paths import cache_home
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "weights"
@@ -97,6 +98,36 @@ def test_architecture_mismatch_names_both(trained, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
     with pytest.raises(ClinadaptError, match="'resnet18'.*'test_vit'"):
         create_backbone("test_vit", weights=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"input_size": "abc"}, "input_size"),
+        ({"input_size": [3, "x", 32]}, "input_size"),
+        ({"input_size": 0}, "input_size"),
+        ({"input_size": True}, "input_size"),
+        ({"mean": 0.5}, "mean"),
+        ({"mean": [0.5, 0.5]}, "mean"),
+        ({"std": [0.1, "a", 0.3]}, "std"),
+        ({"std": [0.5, 0.0, 0.5]}, "std"),
+        ({"interpolation": 3}, "interpolation"),
+        ({"pretrained_cfg": 5}, "pretrained_cfg"),
+        ({"pretrained_cfg": {"input_size": "abc"}}, "pretrained_cfg.input_size"),
+        ({"create_model_kwargs": [1, 2]}, "create_model_kwargs"),
+        ({"model_args": "img_size=32"}, "model_args"),
+        ({"architecture": 5}, "architecture"),
+        ({"architecture": ["test_vit"]}, "architecture"),
+        ({"architecture": "no_such_network"}, "architecture"),
+        ({"create_model_kwargs": {"img_size": 32, "no_such_option": 1}}, "create_model_kwargs"),
+    ],
+)
+def test_config_with_wrong_values_names_the_file_and_key(trained, tmp_path, config, key):
+    _save(trained, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "test_vit", **config}))
+    with pytest.raises(ConfigError, match=rf"config\.json.*\b{re.escape(key)}\b") as err:
+        create_backbone("test_vit", weights=str(tmp_path))
+    assert str(tmp_path / "config.json") in str(err.value)
 
 
 def test_shape_mismatch_names_the_file(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from clinadapt.data import TaskType, load_dataset
+from clinadapt.data.lazy import load_image
 from clinadapt.data.local import load_image_folder, load_manifest
 from clinadapt.errors import DataError
 
@@ -70,6 +71,19 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
             Image.fromarray(data).save(folder / cls / f"{i}.png")
     image = load_image_folder(folder, image_size=20)["train"].images[0]
     assert image.min() == 0 and image.max() == 255
+
+
+def test_float_image_with_nan_is_named(tmp_path):
+    data = np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20)
+    data[3, 3] = np.nan
+    Image.fromarray(data, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match=r"nan\.tif: .*NaN"):
+        load_image(tmp_path / "nan.tif", size=SIZE, channels=1)
+
+
+def test_provenance_says_how_intensities_were_scaled(tmp_path):
+    ds = load_image_folder(folder_dataset(tmp_path / "d", {"a": 10, "b": 10}), image_size=SIZE)
+    assert "16-bit" in ds.provenance["intensity"] and "8-bit" in ds.provenance["intensity"]
 
 
 def test_empty_class_and_no_classes(tmp_path):
@@ -163,6 +177,7 @@ def test_seed_changes_split_and_fingerprint(tmp_path):
     ("header", "row", "pattern"),
     [
         ("path,label", "missing.png,a", r"line 2: .*missing.png does not exist"),
+        ("path,label", ",a", r"line 2: the path is empty"),
         ("path,label,split", "0.png,a,tset", "Did you mean 'test'"),
         ("path,label,split", "0.png,a,", "split is empty"),
         ("path,label", "0.png,", "label is empty"),
@@ -193,6 +208,27 @@ def test_bad_manifest_contents(tmp_path):
     for name, (header, rows, pattern) in cases.items():
         with pytest.raises(DataError, match=pattern):
             load_manifest(write_csv(tmp_path / f"{name}.csv", header, rows))
+
+
+def test_a_file_in_two_given_splits_is_refused(tmp_path):
+    for i in range(12):
+        png(tmp_path / f"{i}.png")
+    rows = [f"{i}.png,{'ab'[i % 2]},{'train' if i < 8 else 'test'}" for i in range(12)]
+    rows += ["./0.png,a,test", "img/../3.png,b,val", "1.png,b,train"]  # same split: harmless
+    (tmp_path / "img").mkdir()
+    with pytest.raises(DataError, match=r"2 files .* more than one split") as err:
+        load_manifest(write_csv(tmp_path / "m.csv", "path,label,split", rows))
+    message = str(err.value)
+    assert "0.png (train, test)" in message and "3.png (train, val)" in message
+    assert "1.png" not in message and "m.csv" in message
+
+
+def test_a_file_listed_twice_without_splits_is_refused(tmp_path):
+    for i in range(20):
+        png(tmp_path / f"{i}.png")
+    rows = [f"{i}.png,{i % 2}" for i in range(20)] + ["5.png,1"]
+    with pytest.raises(DataError, match=r"m\.csv: 1 file is listed more than once: 5\.png"):
+        load_manifest(write_csv(tmp_path / "m.csv", "path,label", rows))
 
 
 def test_mixing_images_and_volumes_is_refused(tmp_path):

@@ -7,10 +7,12 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import torch
 
 from clinadapt.data import files
 from clinadapt.data.info import TaskType
 from clinadapt.data.medmnist import SIBLING_CACHE, load_medmnist, npz_name
+from clinadapt.data.transforms import Preprocess
 from clinadapt.errors import ChecksumWarning, DataError
 from clinadapt.paths import cache_home
 
@@ -157,6 +159,30 @@ def test_nan_pixels_are_rejected(tmp_path, write_npz):
     write_npz(tmp_path / "toymnist.npz", arrays)
     with pytest.raises(DataError, match=r"test_images: image 4 has NaN"):
         load_medmnist(toy_info(), tmp_path, 28)
+
+
+def test_float_pixels_outside_unit_range_are_rejected(tmp_path, write_npz):
+    arrays = toy_arrays()
+    arrays["val_images"] = arrays["val_images"].astype(np.float32)  # 0..255 floats
+    write_npz(tmp_path / "toymnist.npz", arrays)
+    with pytest.raises(DataError, match=r"toymnist\.npz: val_images: float pixels range from"):
+        load_medmnist(toy_info(), tmp_path, 28)
+
+
+def test_big_endian_arrays_are_read_in_native_byte_order(tmp_path, write_npz):
+    arrays = toy_arrays()
+    expected = {k: v.copy() for k, v in arrays.items()}
+    arrays["train_images"] = (arrays["train_images"] / 255).astype(">f4")
+    arrays["train_labels"] = arrays["train_labels"].astype(">u2")
+    arrays["test_labels"] = arrays["test_labels"].astype(">i8")
+    write_npz(tmp_path / "toymnist.npz", arrays)
+    ds = load_medmnist(toy_info(), tmp_path, 28)
+    train = ds["train"].images
+    assert train.dtype == np.float32 and train.dtype.isnative and isinstance(train, np.memmap)
+    np.testing.assert_array_equal(train, expected["train_images"] / np.float32(255))
+    np.testing.assert_array_equal(ds["test"].labels, expected["test_labels"])
+    batch = Preprocess(28, (0.5,), (0.5,))(train[:2])
+    assert torch.isfinite(batch).all()
 
 
 def test_multilabel_values_must_be_binary(tmp_path, write_npz):

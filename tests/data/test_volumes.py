@@ -1,3 +1,4 @@
+import struct
 import sys
 from pathlib import Path
 
@@ -130,6 +131,21 @@ def test_broken_inputs_are_named(tmp_path):
         read_volume(tmp_path / "empty")
 
 
+@pytest.mark.parametrize(
+    ("offset", "value"),
+    [(70, 999), (70, 0), (70, 128), (42, -3)],
+    ids=["unknown-datatype", "datatype-0", "rgb-datatype", "negative-dim"],
+)
+def test_invalid_nifti_header_is_named(tmp_path, caplog, offset, value):
+    path = write_nifti(tmp_path / "v.nii", ramp())
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + 2] = struct.pack("<h", value)  # NIfTI-1 header fields are int16
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"v\.nii: cannot read this NIfTI file"):
+        read_volume(path)
+    assert not caplog.records  # the error alone, without nibabel's log lines on stderr
+
+
 def test_missing_optional_package_names_the_extra(tmp_path, monkeypatch):
     path = write_nifti(tmp_path / "v.nii.gz", ramp())
     monkeypatch.setitem(sys.modules, "nibabel", None)
@@ -147,5 +163,6 @@ def test_manifest_of_volumes(tmp_path):
     (tmp_path / "m.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     ds = load_dataset(str(tmp_path / "m.csv"), volume_size=12)
     assert ds.info.ndim == 3 and ds.info.channels == 1 and ds.size == 12
+    assert "0.5-99.5 percentiles" in ds.provenance["intensity"]
     assert ds["train"].images[:].shape == (6, 12, 12, 12)
     assert ds["val"].images[0].shape == (12, 12, 12)

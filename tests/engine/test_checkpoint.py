@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from clinadapt.engine import checkpoint
+from clinadapt.engine.checkpoint import CheckpointDir
 from clinadapt.engine.train import train
 from clinadapt.engine.train_config import TrainConfig
 from clinadapt.errors import ClinadaptError, ConfigError
@@ -141,3 +145,69 @@ def test_a_crash_while_swapping_checkpoints_leaves_one_complete(tmp_path):
         tiny_model(), tmp_path, epochs=2, resume=True, on_epoch_end=lambda *a: calls.append(a)
     )
     assert calls == [] and len(result.history) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("state.json", lambda raw: raw[: len(raw) // 2]),
+        ("state.json", lambda raw: b""),
+        ("state.json", lambda raw: b"[1, 2]"),
+        ("state.json", lambda raw: b'{"epoch": 1}'),
+        ("model.safetensors", lambda raw: raw[: len(raw) // 2]),
+        ("best.safetensors", lambda raw: b""),
+        ("training.pt", lambda raw: b""),
+        ("training.pt", lambda raw: raw[: len(raw) // 2]),
+        ("rng-0.pt", lambda raw: raw[:100]),
+    ],
+    ids=[
+        "state-half",
+        "state-empty",
+        "state-list",
+        "state-keys",
+        "model-half",
+        "best-empty",
+        "training-empty",
+        "training-half",
+        "rng-truncated",
+    ],
+)
+def test_a_damaged_checkpoint_file_is_named_on_resume(tmp_path, name, damage):
+    fit(tiny_model(), tmp_path, epochs=1)
+    ckpt = tmp_path / "checkpoint"
+    (ckpt / name).write_bytes(damage((ckpt / name).read_bytes()))
+    with pytest.raises(ClinadaptError, match=rf"checkpoint/{re.escape(name)}") as err:
+        fit(tiny_model(), tmp_path, epochs=1, resume=True)
+    message = str(err.value)
+    assert f"delete {ckpt}" in message and "new --out" in message
+
+
+def test_training_state_of_the_wrong_shape_is_named(tmp_path):
+    fit(tiny_model(), tmp_path, epochs=1)
+    ckpt = CheckpointDir(tmp_path / "checkpoint")
+    torch.save({"optimizer": {}}, ckpt.root / "training.pt")
+    with pytest.raises(ClinadaptError, match=r"training\.pt .*scheduler"):
+        fit(tiny_model(), tmp_path, epochs=1, resume=True)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save, saved = checkpoint.save_file, []
+
+    def save_until_epoch_two(tensors, path, metadata=None):  # model and best: two per checkpoint
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_until_epoch_two)
+    with pytest.raises(ClinadaptError, match=r"No space left.*previous checkpoint .* is kept"):
+        fit(tiny_model(), tmp_path, epochs=3)
+    ckpt = tmp_path / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
+    assert not (tmp_path / "checkpoint.tmp").exists()
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    epochs = []
+    result = fit(
+        tiny_model(), tmp_path, epochs=3, resume=True, on_epoch_end=lambda e, r: epochs.append(e)
+    )
+    assert epochs == [2, 3] and len(result.history) == 3

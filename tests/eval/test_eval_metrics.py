@@ -1,4 +1,6 @@
+import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from sklearn import metrics as skm
 from clinadapt.data.info import TaskType
 from clinadapt.errors import DataError
 from clinadapt.eval import evaluate
+from clinadapt.eval.metrics import UndefinedMetricWarning
 
 MEDMNIST_TASK = {
     TaskType.BINARY: "binary-class",
@@ -146,3 +149,41 @@ def test_single_class_present_gives_nan_auc_without_crashing():
 def test_invalid_inputs_raise_data_error(labels, scores, task, match):
     with pytest.raises(DataError, match=match):
         evaluate(labels, scores, task)
+
+
+def test_auc_undefined_for_one_class_warns_and_says_why():
+    labels = np.zeros((20, 1), dtype=np.int64)
+    scores = np.random.default_rng(0).dirichlet([1, 1], 20)
+    with pytest.warns(UndefinedMetricWarning, match=r"auc is undefined: only one class"):
+        result = evaluate(labels, scores, TaskType.BINARY)
+    assert math.isnan(result["auc"])
+    assert result["undefined"] == {"auc": "only one class in the labels"}
+    assert json.loads(json.dumps(result))["undefined"] == result["undefined"]
+
+
+def test_auc_undefined_names_the_absent_classes_and_constant_labels(predictions):
+    labels = np.array([[0], [0], [1], [1], [2]])
+    with pytest.warns(UndefinedMetricWarning, match="class 3"):
+        result = evaluate(labels, np.eye(4)[[0, 1, 1, 3, 2]], "multi-class")
+    assert result["undefined"] == {"auc": "no examples of class 3 in the labels"}
+    labels, scores = predictions(TaskType.MULTILABEL, 50, 1)
+    labels[:, 2], labels[:, 4] = 0, 1
+    with pytest.warns(UndefinedMetricWarning):
+        result = evaluate(labels, scores, TaskType.MULTILABEL)
+    assert result["undefined"] == {"auc": "labels 2, 4 take a single value (all 0 or all 1)"}
+
+
+def test_ece_undefined_for_scores_that_are_not_probabilities(predictions):
+    labels, scores = predictions(TaskType.MULTICLASS, 50, 6)
+    with pytest.warns(UndefinedMetricWarning, match="ece"):
+        result = evaluate(labels, np.log(scores), TaskType.MULTICLASS)
+    assert set(result["undefined"]) == {"ece"} and "probabilities" in result["undefined"]["ece"]
+
+
+@pytest.mark.parametrize("task", list(TaskType))
+def test_defined_metrics_neither_warn_nor_report_undefined(task, predictions):
+    labels, scores = predictions(task, 200, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(labels, scores, task)
+    assert "undefined" not in result

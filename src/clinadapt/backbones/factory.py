@@ -21,7 +21,7 @@ from clinadapt.backbones.weights import (
     read_state_dict,
     resolve_local_weights,
 )
-from clinadapt.errors import ClinadaptError
+from clinadapt.errors import ClinadaptError, ConfigError
 
 RANDOM_INIT_SEED = 0
 """The untrained control is one fixed random initialisation, so its features are reproducible
@@ -58,7 +58,12 @@ def create_backbone(
         _check_architecture(spec, local)
         state = read_state_dict(local.file, trust_pickle=trust_pickle)
         spec = replace(spec, kwargs={**spec.kwargs, **local.create_kwargs})
-        model = _build(spec, spec.kwargs, pretrained=False)
+        try:
+            model = _build(spec, spec.kwargs, pretrained=False)
+        except (TypeError, ValueError) as err:
+            if not local.create_kwargs:
+                raise
+            raise local.rejected_kwargs(spec.model_name, err) from None
         if spec.library == "open_clip" and any(k.startswith("visual.") for k in state):
             state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
         load_checked(
@@ -95,9 +100,9 @@ def _check_architecture(spec: BackboneSpec, local: LocalWeights) -> None:
     if arch is None or arch == spec.model_name:
         return
     hint = f" (e.g. timm:{arch})" if timm.is_model(arch) else ""
-    raise ClinadaptError(
-        f"weights {local.file} are for architecture {arch!r} (per its config.json) but backbone "
-        f"{spec.name!r} is {spec.model_name!r}; choose the matching backbone{hint}"
+    raise ConfigError(
+        f"{local.config_file}: architecture {arch!r} does not match backbone {spec.name!r} "
+        f"({spec.model_name!r}); choose the matching backbone{hint} or correct the architecture"
     )
 
 

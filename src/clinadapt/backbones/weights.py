@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from clinadapt.backbones.base import PretrainedConfig
-from clinadapt.errors import ClinadaptError, UnsafeCheckpointError
+from clinadapt.errors import ClinadaptError, ConfigError, UnsafeCheckpointError
 from clinadapt.paths import cache_home
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -32,6 +33,10 @@ class LocalWeights:
     config: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
+    def config_file(self) -> Path:
+        return self.file.parent / CONFIG_FILE
+
+    @property
     def architecture(self) -> str | None:
         arch = self.config.get("architecture")
         return str(arch).split(".", 1)[0] if arch else None
@@ -40,6 +45,14 @@ class LocalWeights:
     def create_kwargs(self) -> dict[str, Any]:
         """Constructor kwargs: ``create_model_kwargs`` (ours) or ``model_args`` (timm hub repos)."""
         return dict(self.config.get("create_model_kwargs") or self.config.get("model_args") or {})
+
+    def rejected_kwargs(self, arch: str, err: Exception) -> ConfigError:
+        """The error to raise when building ``arch`` with ``create_kwargs`` failed."""
+        key = "create_model_kwargs" if self.config.get("create_model_kwargs") else "model_args"
+        return ConfigError(
+            f"{self.config_file}: {key} {self.create_kwargs} are not accepted by {arch} ({err}); "
+            "fix or remove them"
+        )
 
     def override(self, cfg: PretrainedConfig) -> PretrainedConfig:
         """The library's config with this folder's input size, mean/std and interpolation."""
@@ -88,8 +101,50 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ClinadaptError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise ClinadaptError(f"{path} must hold a JSON object")
+        raise ConfigError(f"{path} must hold a JSON object")
+    _check_config(data, path)
     return data
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    """Wrong types fail here, naming the file and key, instead of as a traceback when used."""
+
+    def fail(key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{path}: {key} must be {expected}, got {value!r}; fix or remove it")
+
+    arch = config.get("architecture")
+    if arch is not None and not isinstance(arch, str):
+        raise fail("architecture", arch, "a model name such as 'vit_small_patch16_224'")
+    for key in ("create_model_kwargs", "model_args", "pretrained_cfg"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise fail(key, config[key], "a JSON object of names and values")
+    for prefix, part in (("", config), ("pretrained_cfg.", config.get("pretrained_cfg") or {})):
+        if "input_size" in part and not _sizes(part["input_size"]):
+            expected = "a positive integer or a list like [3, 224, 224]"
+            raise fail(prefix + "input_size", part["input_size"], expected)
+        for key in ("mean", "std"):
+            if key in part and not _channel_values(part[key], positive=key == "std"):
+                expected = f"a list of 1 or 3 {'positive ' if key == 'std' else ''}numbers"
+                raise fail(prefix + key, part[key], expected)
+        if "interpolation" in part and not isinstance(part["interpolation"], str):
+            expected = "a name such as 'bilinear' or 'bicubic'"
+            raise fail(prefix + "interpolation", part["interpolation"], expected)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sizes(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(_is_int(v) and v > 0 for v in values)
+
+
+def _channel_values(value: Any, *, positive: bool) -> bool:
+    if not isinstance(value, list) or len(value) not in (1, 3):
+        return False
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    return numbers and all(math.isfinite(v) and (v > 0 or not positive) for v in value)
 
 
 def read_state_dict(file: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

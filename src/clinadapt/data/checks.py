@@ -10,26 +10,51 @@ from clinadapt.data.info import TaskType
 from clinadapt.errors import ConfigError, DataError
 
 _CHECK_BYTES = 1 << 26  # scan memory-mapped arrays in chunks of about this many bytes
+TOLERANCE = 1e-6  # float pixels may stray this far outside [0, 1] (rounding after a rescale)
+CONTRACT = "uint8 in [0, 255] or float in [0, 1]"
 
 
 def check_pixels(array: np.ndarray, where: str) -> None:
-    """Raise DataError when a float image array holds NaN or infinite values.
+    """Raise DataError unless ``array`` holds images as uint8, or as finite floats in [0, 1].
 
-    Integer arrays cannot hold either and are skipped; large (memory-mapped) arrays are scanned
-    a chunk of images at a time so memory stays bounded.
+    Float images in other ranges (0-255, -1..1, raw scanner units) would be scaled as if they
+    were in [0, 1] and give wrong predictions without any error, so they are refused. Large
+    (memory-mapped) arrays are scanned a chunk of images at a time so memory stays bounded.
     """
-    if array.dtype.kind not in "fc" or len(array) == 0:
+    if array.dtype == np.uint8:
+        return
+    if array.dtype.kind != "f":
+        raise DataError(
+            f"{where}: images have dtype {array.dtype}; store them as {CONTRACT} "
+            "(e.g. divide 16-bit values by 65535, or CT values by their range, to get [0, 1])"
+        )
+    if array.ndim == 0 or len(array) == 0:
         return
     per_item = max(1, array[0].nbytes)
     step = max(1, _CHECK_BYTES // per_item)
+    low, high, first_outside = np.inf, -np.inf, None
     for start in range(0, len(array), step):
-        chunk = array[start : start + step]
-        bad = np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))
+        chunk = np.asarray(array[start : start + step])
+        chunk = chunk.reshape(len(chunk), -1)
+        bad = np.flatnonzero(~np.isfinite(chunk).all(axis=1))
         if len(bad):
             raise DataError(
                 f"{where}: image {start + int(bad[0])} has NaN or infinite pixels; "
                 "fix or remove it before training"
             )
+        if chunk.size == 0:
+            continue
+        lows, highs = chunk.min(axis=1), chunk.max(axis=1)
+        low, high = min(low, float(lows.min())), max(high, float(highs.max()))
+        outside = np.flatnonzero((lows < -TOLERANCE) | (highs > 1 + TOLERANCE))
+        if first_outside is None and len(outside):
+            first_outside = start + int(outside[0])
+    if first_outside is not None:
+        raise DataError(
+            f"{where}: float pixels range from {low:g} to {high:g} (first outside [0, 1]: image "
+            f"{first_outside}); images must be {CONTRACT}. Rescale them to [0, 1] (e.g. divide "
+            "0-255 values by 255) or store them as uint8"
+        )
 
 
 def check_labels(labels: np.ndarray, task: TaskType, num_classes: int, where: str) -> np.ndarray:

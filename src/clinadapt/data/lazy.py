@@ -15,6 +15,7 @@ from clinadapt.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+INTENSITY = "8-bit images as stored; 16-bit and float images min-max scaled to 8 bits per image"
 
 
 class LazySource:
@@ -84,15 +85,17 @@ def load_image(path: Path, *, size: int, channels: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in HIGH_DEPTH_MODES:
-                a = np.asarray(im, dtype=np.float32)
-                lo, hi = float(a.min()), float(a.max())
-                a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-                out = Image.fromarray(np.round(a * 255).astype(np.uint8))
-            else:
-                out = im.convert("RGB" if channels == 3 else "L")
+            deep = im.mode in HIGH_DEPTH_MODES
+            a = np.asarray(im, dtype=np.float32) if deep else None
+            out = None if deep else im.convert("RGB" if channels == 3 else "L")
     except READ_ERRORS as err:
         raise _unreadable(path, err) from None
+    if a is not None:
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}: the image holds NaN or infinite values; fix or remove it")
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        out = Image.fromarray(np.round(a * 255).astype(np.uint8))
     if channels == 3:
         out = out.convert("RGB")
     if out.size != (size, size):

@@ -19,7 +19,9 @@ import numpy as np
 from clinadapt.data.dataset import SPLITS, Dataset, Split
 from clinadapt.data.info import DatasetInfo, TaskType
 from clinadapt.data.lazy import IMAGE_SUFFIXES, LazySource, infer_channels, load_image
+from clinadapt.data.lazy import INTENSITY as IMAGE_INTENSITY
 from clinadapt.data.splits import carve_val, check_disjoint_groups, split_indices
+from clinadapt.data.volumes import INTENSITY as VOLUME_INTENSITY
 from clinadapt.data.volumes import VOLUME_SUFFIXES, is_volume, read_volume
 from clinadapt.errors import DataError
 from clinadapt.registry import did_you_mean
@@ -93,7 +95,9 @@ def load_manifest(
     for line, row in numbered:
         where = f"{csv_path}, line {line}"
         path = csv_path.parent / row["path"]
-        if not row["path"] or not path.exists():
+        if not row["path"]:
+            raise DataError(f"{where}: the path is empty; fill it in every row")
+        if not path.exists():
             raise DataError(f"{where}: {path} does not exist")
         names = [t.strip() for t in row["label"].split("|") if t.strip()]
         if not names and not multi:
@@ -159,6 +163,7 @@ def load_unlabelled_folder(
         "expected_md5": None,
         "verified": None,
         "size": size,
+        "intensity": VOLUME_INTENSITY if ndim == 3 else IMAGE_INTENSITY,
     }
     return Dataset(info=info, splits={"train": split}, size=size, provenance=provenance)
 
@@ -249,6 +254,7 @@ def _build(
             check_disjoint_groups(idx, groups, where)
         if not len(idx["val"]):
             idx["train"], idx["val"] = carve_val(idx["train"], labels, groups, seed)
+    _check_unique(paths, idx, given is not None, source, where)
     info = DatasetInfo(
         name=name.lower(),
         task=task,
@@ -270,10 +276,42 @@ def _build(
         "expected_md5": None,
         "verified": None,
         "size": size,
+        "intensity": VOLUME_INTENSITY if ndim == 3 else IMAGE_INTENSITY,
         "split_seed": seed,
         "splits_given": given is not None,
     }
     return Dataset(info=info, splits=splits, size=size, provenance=provenance)
+
+
+def _check_unique(
+    paths: list[Path], idx: dict[str, np.ndarray], given: bool, source: Path, where: str
+) -> None:
+    """One file in two splits inflates test results. Refuse given splits that do that, and any
+    repeated file when the split is automatic (its copies could land in train and test)."""
+    splits_of: dict[Path, list[str]] = {}
+    for split, rows in idx.items():
+        for i in rows:
+            splits_of.setdefault(paths[i].resolve(), []).append(split)
+    base = (source if source.is_dir() else source.parent).resolve()
+    shown = {
+        (p.relative_to(base) if p.is_relative_to(base) else p): sorted(set(s), key=SPLITS.index)
+        for p, s in splits_of.items()
+        if (len(set(s)) if given else len(s)) > 1
+    }
+    if not shown:
+        return
+    count = f"{len(shown)} file is" if len(shown) == 1 else f"{len(shown)} files are"
+    if given:
+        examples = ", ".join(f"{p} ({', '.join(s)})" for p, s in list(shown.items())[:5])
+        raise DataError(
+            f"{where}: {count} listed in more than one split: {examples}; keep each file in one "
+            "split, or the test results include training images"
+        )
+    examples = ", ".join(map(str, list(shown)[:5]))
+    raise DataError(
+        f"{where}: {count} listed more than once: {examples}; list each file once (the automatic "
+        "split could put copies of a file in both train and test)"
+    )
 
 
 def _fingerprint(

@@ -109,6 +109,7 @@ def _extract(npz: Path, target: Path) -> None:
             for key in KEYS:
                 with zf.open(f"{key}.npy") as src, (tmp / f"{key}.npy").open("wb") as dst:
                     shutil.copyfileobj(src, dst, files.CHUNK)
+                _to_native_order(tmp / f"{key}.npy")
         try:
             os.replace(tmp, target)
         except OSError:
@@ -121,6 +122,30 @@ def _extract(npz: Path, target: Path) -> None:
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _to_native_order(npy: Path) -> None:
+    """Rewrite a big-endian array (saved on another machine) in this machine's byte order, a
+    chunk at a time: torch cannot take non-native arrays, and mapping must stay possible."""
+    try:
+        source = np.load(npy, mmap_mode="r")
+    except ValueError:
+        return  # not a plain array (e.g. objects): reported when the arrays are opened
+    if source.dtype.isnative:
+        return
+    native = npy.with_suffix(".native")
+    target = np.lib.format.open_memmap(
+        native, mode="w+", dtype=source.dtype.newbyteorder("="), shape=source.shape
+    )
+    if source.ndim == 0 or len(source) == 0:
+        target[...] = source
+    else:
+        step = max(1, files.CHUNK * 64 // max(1, source[0].nbytes))
+        for start in range(0, len(source), step):
+            target[start : start + step] = source[start : start + step]
+    target.flush()
+    del source, target
+    os.replace(native, npy)
 
 
 def _expected_shape(info: DatasetInfo, size: int) -> tuple[tuple[int, ...], str]:
@@ -138,10 +163,6 @@ def _split(info: DatasetInfo, size: int, npz: Path, split: str, arrays: dict) ->
         raise DataError(
             f"{npz}: {split}_images has shape {images.shape}; {info.name} at size {size} "
             f"should hold {what} of shape (N, {', '.join(map(str, shape))})"
-        )
-    if images.dtype != np.uint8 and images.dtype.kind != "f":
-        raise DataError(
-            f"{npz}: {split}_images has dtype {images.dtype}; expected uint8 or float in [0, 1]"
         )
     check_pixels(images, f"{npz}: {split}_images")
     labels = check_labels(raw_labels, info.task, info.num_classes, f"{npz}: {split}_labels")

@@ -7,7 +7,10 @@ nibabel and pydicom are optional: they are imported here, only when a volume is 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +24,10 @@ from clinadapt.errors import DataError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 PERCENTILES = (0.5, 99.5)
+INTENSITY = (
+    f"each volume clipped to its {PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles and scaled to "
+    "[0, 1]"
+)
 
 
 def is_volume(path: Path) -> bool:
@@ -66,13 +73,40 @@ def scale_intensity(volume: np.ndarray) -> np.ndarray:
     return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger) -> Iterator[None]:
+    """nibabel logs each header problem to stderr besides raising; the DataError says enough."""
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
 def _read_nifti(path: Path) -> np.ndarray:
     nib = _optional("nibabel")
+    # a damaged header shows up as many kinds of error: an unknown datatype code
+    # (HeaderDataError), a non-numeric one (TypeError), a negative size (OverflowError)
+    unreadable = (
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        OverflowError,
+        MemoryError,
+        zlib.error,
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+    )
     try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
-        raise DataError(f"{path}: cannot read this NIfTI file ({err})") from None
+        with _silenced(nib.imageglobals.logger):
+            image = nib.as_closest_canonical(nib.load(str(path)))
+            data = np.asarray(image.dataobj, dtype=np.float32)
+    except unreadable as err:
+        raise DataError(
+            f"{path}: cannot read this NIfTI file ({err}); its header or data is damaged: "
+            "export it again or remove it"
+        ) from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     # RAS+ (x, y, z) -> (D, H, W) with D along the superior axis: axial slices, like DICOM.

@@ -36,6 +36,9 @@ from torch import nn
 from clinadapt.errors import ClinadaptError, ConfigError
 
 STATE_FILE = "state.json"
+META_KEYS = ("config_hash", "config", "epoch", "history", "finished", "sampler")
+TRAINING_KEYS = ("optimizer", "scheduler", "scaler")
+RNG_KEYS = ("python", "numpy_key", "numpy_pos", "numpy_gauss", "torch", "augment")
 
 
 def save_safetensors(
@@ -124,7 +127,7 @@ class Checkpoint:
     training: dict[str, Any]
 
     def rng(self, rank: int) -> dict[str, Any]:
-        return _load_pt(self.directory / f"rng-{rank}.pt")
+        return _read(self.directory / f"rng-{rank}.pt", _load_pt, RNG_KEYS)
 
 
 class CheckpointDir:
@@ -142,7 +145,10 @@ class CheckpointDir:
         self.staging.mkdir(parents=True)
 
     def write_rng(self, rank: int, state: dict[str, Any]) -> None:
-        torch.save(state, self.staging / f"rng-{rank}.pt")
+        try:
+            torch.save(state, self.staging / f"rng-{rank}.pt")
+        except OSError as err:
+            raise self._not_written(err) from None
 
     def commit(
         self,
@@ -152,13 +158,17 @@ class CheckpointDir:
         training: dict[str, Any],
         meta: dict[str, Any],
     ) -> None:
-        save_safetensors(model, self.staging / "model.safetensors")
-        save_safetensors(best, self.staging / "best.safetensors")
-        torch.save(training, self.staging / "training.pt")
-        for path in self.staging.iterdir():
-            _fsync(path)
-        (self.staging / STATE_FILE).write_text(json.dumps(meta))
-        _fsync(self.staging / STATE_FILE)
+        try:
+            save_safetensors(model, self.staging / "model.safetensors")
+            save_safetensors(best, self.staging / "best.safetensors")
+            torch.save(training, self.staging / "training.pt")
+            for path in self.staging.iterdir():
+                _fsync(path)
+            (self.staging / STATE_FILE).write_text(json.dumps(meta))
+            _fsync(self.staging / STATE_FILE)
+        except OSError as err:  # a full disk, say: the staged files are useless, the last stays
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise self._not_written(err) from None
         shutil.rmtree(self.old, ignore_errors=True)
         if self.root.exists():
             os.replace(self.root, self.old)
@@ -186,7 +196,7 @@ class CheckpointDir:
         directory = self._latest()
         if directory is None:
             return None
-        meta = json.loads((directory / STATE_FILE).read_text())
+        meta = _read(directory / STATE_FILE, lambda p: json.loads(p.read_text()), META_KEYS)
         if meta["config_hash"] != config_hash(resolved):
             old, new = meta["config"], json.loads(json.dumps(resolved, default=str))
             keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -199,9 +209,15 @@ class CheckpointDir:
         return Checkpoint(
             directory=directory,
             meta=meta,
-            model=load_file(directory / "model.safetensors"),
-            best=load_file(directory / "best.safetensors"),
-            training=_load_pt(directory / "training.pt"),
+            model=_read(directory / "model.safetensors", load_file),
+            best=_read(directory / "best.safetensors", load_file),
+            training=_read(directory / "training.pt", _load_pt, TRAINING_KEYS),
+        )
+
+    def _not_written(self, err: OSError) -> ClinadaptError:
+        return ClinadaptError(
+            f"could not write a checkpoint into {self.staging} ({err}); the previous checkpoint "
+            f"in {self.root} is kept: free disk space, then continue with --resume"
         )
 
 
@@ -257,6 +273,23 @@ def restore_run_state(
     if accelerator.scaler is not None and checkpoint.training["scaler"] is not None:
         accelerator.scaler.load_state_dict(checkpoint.training["scaler"])
     restore_rng(checkpoint.rng(accelerator.process_index), generator)
+
+
+def _read(path: Path, reader: Callable[[Path], Any], keys: tuple[str, ...] = ()) -> Any:
+    """``reader(path)``, or an error that names the damaged file and the way out."""
+    try:
+        value = reader(path)
+    except Exception as err:  # JSON, safetensors and torch's zip format each fail their own way
+        problem = f"cannot be read ({type(err).__name__}: {err})"
+    else:
+        missing = [k for k in keys if not isinstance(value, dict) or k not in value]
+        if not missing:
+            return value
+        problem = f"lacks {', '.join(missing)}"
+    raise ClinadaptError(
+        f"cannot resume: {path} {problem}. The checkpoint is damaged: delete {path.parent} to "
+        "start this run over, or train into a new --out folder"
+    )
 
 
 def _load_pt(path: Path) -> Any:

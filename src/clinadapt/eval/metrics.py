@@ -8,6 +8,7 @@ imbalanced medical test sets need (balanced accuracy, macro F1, per-class recall
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,10 @@ from clinadapt.eval._weighted import (
 from clinadapt.registry import did_you_mean
 
 _CHUNK_ELEMENTS = 1 << 22  # resample weights held at once in bootstrap_ci (32 MiB of float64)
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric reported as NaN because the labels or scores cannot define it."""
 
 
 def _prepare(
@@ -72,6 +77,9 @@ def evaluate(
     - ``confusion_matrix``: rows true, columns predicted; multi-label: per label
       ``[[tn, fp], [fn, tp]]``.
     - ``n``: the number of examples.
+    - ``undefined``: only when a scalar metric is NaN, why, e.g. ``{"auc": "only one class in
+      the labels"}``, so reports can say so; each reason is also warned about
+      (``UndefinedMetricWarning``).
 
     Raises ``DataError`` for mismatched shapes, NaN scores or labels out of range.
     """
@@ -82,7 +90,43 @@ def evaluate(
     out.update({k: float(v[0]) for k, v in scalar_metrics(prep, w, SCALAR_METRICS).items()})
     out["per_class_recall"] = [float(r) for r in recall(cm, prep.task)[0]]
     out["confusion_matrix"] = np.rint(cm[0]).astype(np.int64).tolist()
+    undefined = _undefined(prep, out)
+    for metric, reason in undefined.items():
+        warnings.warn(
+            f"{metric} is undefined: {reason}; it is reported as NaN",
+            UndefinedMetricWarning,
+            stacklevel=2,
+        )
+    if undefined:
+        out["undefined"] = undefined
     return out
+
+
+def _undefined(prep: Prepared, out: dict[str, Any]) -> dict[str, str]:
+    """Why each NaN scalar metric of ``out`` is undefined."""
+    reasons = {}
+    if np.isnan(out["auc"]):
+        if prep.task.single_label:
+            present = [bool(positive.any()) for positive, _ in prep.auc_pairs]
+            absent = [k for k, there in enumerate(present) if not there]
+            one = prep.task is TaskType.BINARY or sum(present) == 1
+            what = "class" if len(absent) == 1 else "classes"
+            reasons["auc"] = (
+                "only one class in the labels"
+                if one
+                else f"no examples of {what} {', '.join(map(str, absent))} in the labels"
+            )
+        else:
+            constant = [
+                k for k, (pos, _) in enumerate(prep.auc_pairs) if pos.all() or not pos.any()
+            ]
+            what = "label {} takes" if len(constant) == 1 else "labels {} take"
+            names = what.format(", ".join(map(str, constant)))
+            reasons["auc"] = f"{names} a single value (all 0 or all 1)"
+    if np.isnan(out["ece"]):
+        rows = ", each row summing to 1" if prep.task.single_label else ""
+        reasons["ece"] = f"the scores are not probabilities (values in [0, 1]{rows})"
+    return reasons
 
 
 def bootstrap_ci(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,24 +78,46 @@ def iter_inputs(
 def _npz_items(path: Path, ndim: int) -> Iterator[tuple[str, np.ndarray]]:
     from clinadapt.data.transforms import check_pixels
 
-    try:
-        with np.load(path) as archive:
-            keys = [k for k in ("test_images", "images") if k in archive.files]
-            if not keys:
-                raise DataError(
-                    f"{path} has no 'images' or 'test_images' array (has {archive.files})"
-                )
-            images = archive[keys[0]]
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} is not a readable npz file: {err}") from None
-    if images.ndim != (4 if ndim == 3 else 3) and not (ndim == 2 and images.ndim == 4):
+    key, images = _read_npz_images(path)
+    stacked = (
+        images.ndim == 4
+        if ndim == 3
+        else images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+    )
+    if not stacked:
         raise DataError(
-            f"{path}:{keys[0]} has shape {images.shape}, not a stack of "
-            f"{'volumes' if ndim == 3 else 'images'}"
+            f"{path}:{key} has shape {images.shape}, not a stack of "
+            f"{'volumes (N, D, H, W)' if ndim == 3 else 'images (N, H, W) or (N, H, W, 1 or 3)'}"
         )
-    check_pixels(images, f"{path}:{keys[0]}")
+    check_pixels(images, f"{path}:{key}")
     for i, image in enumerate(images):
-        yield f"{path}:{keys[0]}[{i}]", image
+        yield f"{path}:{key}[{i}]", image
+
+
+def _read_npz_images(path: Path) -> tuple[str, np.ndarray]:
+    """The ``test_images`` (else ``images``) array of an npz, in native byte order."""
+    unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
+    hint = "it is empty, truncated or corrupt, or not an npz archive; save it again"
+    try:
+        archive = np.load(path)
+    except unreadable as err:
+        raise DataError(f"{path} is not a readable npz file ({err}): {hint}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path} holds a single array, not an npz archive; save it with "
+            "numpy.savez(path, images=...)"
+        )
+    with archive:
+        keys = [k for k in ("test_images", "images") if k in archive.files]
+        if not keys:
+            raise DataError(f"{path} has no 'images' or 'test_images' array (has {archive.files})")
+        try:
+            images = archive[keys[0]]
+        except unreadable as err:
+            raise DataError(f"{path}:{keys[0]} cannot be read ({err}): {hint}") from None
+    if not images.dtype.isnative:  # saved on a big-endian machine; torch needs native order
+        images = images.astype(images.dtype.newbyteorder("="))
+    return keys[0], images
 
 
 def predict_files(
@@ -122,39 +146,46 @@ def predict_files(
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["source", *(f"p_{name}" for name in labels), "predicted"])
-        bar = tqdm(desc="predict", unit="img", disable=not progress)
-        for batch in _batches(items, batch_size):
-            names, images = zip(*batch, strict=True)
-            probs = predict_proba(
-                model,
-                np.stack(images),
-                task=task,
-                preprocess=preprocess,
-                batch_size=batch_size,
-                volume=slice_volumes,
-                progress=False,
-            )
-            for name, p in zip(names, probs, strict=True):
-                predicted = (
-                    "|".join(labels[i] for i in np.flatnonzero(p >= 0.5))
-                    if multilabel
-                    else labels[int(p.argmax())]
+    try:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["source", *(f"p_{name}" for name in labels), "predicted"])
+            bar = tqdm(desc="predict", unit="img", disable=not progress)
+            for batch in _batches(items, batch_size):
+                names, images = zip(*batch, strict=True)
+                probs = predict_proba(
+                    model,
+                    np.stack(images),
+                    task=task,
+                    preprocess=preprocess,
+                    batch_size=batch_size,
+                    volume=slice_volumes,
+                    progress=False,
                 )
-                writer.writerow([name, *(f"{v:.6f}" for v in p), predicted])
-            bar.update(len(batch))
-        bar.close()
-    tmp.replace(out)
+                for name, p in zip(names, probs, strict=True):
+                    predicted = (
+                        "|".join(labels[i] for i in np.flatnonzero(p >= 0.5))
+                        if multilabel
+                        else labels[int(p.argmax())]
+                    )
+                    writer.writerow([name, *(f"{v:.6f}" for v in p), predicted])
+                bar.update(len(batch))
+            bar.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # after any failure, no half-written file is left behind
     return out
 
 
 def _batches(items: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list]:
-    """Consecutive items of equal shape, at most ``size`` at a time."""
+    """Consecutive items of equal shape and dtype, at most ``size`` at a time: stacking uint8
+    with float images would turn 0-255 values into floats read as if in [0, 1]."""
     batch: list = []
     for item in items:
-        if batch and (len(batch) == size or batch[0][1].shape != item[1].shape):
+        first = batch[0][1] if batch else None
+        if batch and (
+            len(batch) == size or first.shape != item[1].shape or first.dtype != item[1].dtype
+        ):
             yield batch
             batch = []
         batch.append(item)
