@@ -50,7 +50,8 @@ def test_run_with_options_and_overrides(tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert rec["method"]["config"]["k"] == 3
     assert rec["shots"]["support_size"] == 8
-    assert "auc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "auc" in printed and "labelled images    8 (8 train, 0 validation)" in printed
 
 
 def test_run_from_yaml(tmp_path):

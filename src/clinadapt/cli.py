@@ -239,10 +239,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{cfg.dataset} {cfg.backbone} ({cfg.weights}) {cfg.method} shots={cfg.shots} "
         f"seed={cfg.seed}"
     )
+    undefined = test.get("undefined", {})
     for metric in ("auc", "acc", "balanced_accuracy", "macro_f1", "ece"):
         bounds = ci.get(metric)
         extra = f"  95% CI [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
-        print(f"  {metric:18s} {test[metric]:.4f}{extra}")
+        value = test[metric]
+        text = f"{value:.4f}" if value is not None and value == value else "n/a"
+        if metric in undefined:
+            text += f" ({undefined[metric]})"
+        print(f"  {metric:18s} {text}{extra}")
+    used = record["labels_used"]
+    print(f"  labelled images    {used['total']} ({used['train']} train, {used['val']} validation)")
     if out and is_main_process():
         print(f"record written to {out}")
     return 0

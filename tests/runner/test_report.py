@@ -1,3 +1,5 @@
+import math
+
 from clinadapt.runner.report import published_comparison
 
 
@@ -27,3 +29,34 @@ def test_published_comparison_shows_the_gap():
         len(lines) == 3
     )  # header, rule, one matching row (few-shot and unpublished rows left out)
     assert "| 0.880 | 0.901 | -0.021 | 0.850 | 0.863 |" in lines[2]
+
+
+def _record(auc, undefined=None, seed=0):
+    from clinadapt.runner.records import build_record
+
+    test = {"auc": auc, "acc": 0.5, "balanced_accuracy": 0.5}
+    if undefined:
+        test["undefined"] = {"auc": undefined}
+    return build_record(
+        "frozen",
+        {"backbone": "b", "weights": "none", "method": "knn", "shots": "all", "seed": seed},
+        run={"id": str(seed), "options": {"dataset": "d", "method": "knn", "seed": seed}},
+        dataset={"name": "d", "provenance": {}},
+        backbone={"is_pretrained": False},
+        preprocessing={"resize": "nearest", "source_size": 28, "input_size": 32},
+        method={"fitted_parameters": 0},
+        labels_used={"train": 4, "val": 0, "total": 4},
+        metrics={"test": test},
+        timings={"setup_s": 1.0, "run_s": 0.1, "setup_key": "k"},
+    )
+
+
+def test_an_undefined_metric_is_shown_with_its_reason_never_as_nan():
+    from clinadapt.runner.report import markdown_table, summarise
+
+    table = markdown_table(summarise([_record(math.nan, "only one class in the labels")]))
+    assert "n/a (only one class in the labels)" in table and "nan" not in table
+    mixed = markdown_table(
+        summarise([_record(0.8, seed=0), _record(math.nan, "only one class in the labels", 1)])
+    )
+    assert "0.800" in mixed and "1 of 2 seeds n/a: only one class in the labels" in mixed
