@@ -11,11 +11,16 @@ class TaskType(str, Enum):
     MULTICLASS = "multi-class"
     MULTILABEL = "multi-label"
     ORDINAL = "ordinal"
+    SEGMENTATION = "segmentation"
 
     @property
     def single_label(self) -> bool:
-        """True when each example has exactly one class index (everything but multi-label)."""
+        """True when each example (each pixel, for segmentation) has exactly one class index:
+        everything but multi-label."""
         return self is not TaskType.MULTILABEL
+
+
+CLASSIFICATION_TASKS = (TaskType.BINARY, TaskType.MULTICLASS, TaskType.MULTILABEL, TaskType.ORDINAL)
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,9 @@ class DatasetInfo:
 
     ``labels`` are the class names in index order. Labels in a split are always an int64 array
     of shape (N, 1) with values in [0, num_classes) for single-label tasks, and (N, num_classes)
-    of 0/1 for multi-label tasks.
+    of 0/1 for multi-label tasks. For segmentation, ``labels`` name the mask values and include
+    the background at index 0 (``("background", "polyp")``), so ``num_classes`` counts it; a
+    split's labels are then integer masks, one per case (see ``Split``).
     """
 
     name: str
