@@ -27,8 +27,17 @@ class ImageSource(Protocol):
 
 @dataclass
 class Split:
+    """Classification: ``labels`` is an int64 array, (N, 1) single-label or (N, C) multi-label.
+
+    Segmentation: ``images`` and ``labels`` are ``CaseSource``s (cases differ in size):
+    ``labels[i]`` is the uint8 mask of ``images[i]``, same spatial shape, 0 = background; and
+    ``meta[i]`` describes the case: ``id``, ``source`` (image file), ``shape``, ``spacing`` (mm
+    per array axis, None when unknown), and per layout ``mask``, ``affine`` or ``instances``.
+    """
+
     images: ImageSource
-    labels: np.ndarray  # int64, (N, 1) single-label or (N, C) multi-label
+    labels: Any
+    meta: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -57,6 +57,27 @@ class LazySource:
         return f"LazySource({len(self)} files, item_shape={self.item_shape}, dtype={self.dtype})"
 
 
+class CaseSource:
+    """An ``ImageSource`` over cases whose arrays differ in shape (segmentation images and
+    masks at their own size): ``source[i]`` reads one case, ``source[indices]`` (an integer
+    array, list or slice) a list of arrays, never stacked."""
+
+    def __init__(self, paths: Sequence[Path], loader: Callable[[int], np.ndarray]) -> None:
+        self.paths = list(paths)
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int | np.integer):
+            return self.loader(int(np.arange(len(self.paths))[index]))
+        return [self.loader(int(i)) for i in np.arange(len(self.paths))[index]]
+
+    def __repr__(self) -> str:
+        return f"CaseSource({len(self)} cases)"
+
+
 READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -77,7 +98,15 @@ def infer_channels(paths: Sequence[Path], samples: int = 16) -> int:
 
 
 def load_image(path: Path, *, size: int, channels: int) -> np.ndarray:
-    """One image as uint8 (size, size) or (size, size, 3), resized with PIL bilinear.
+    """One image as uint8 (size, size) or (size, size, 3), resized with PIL bilinear."""
+    out = Image.fromarray(decode_image(path, channels=channels))
+    if out.size != (size, size):
+        out = out.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(out, dtype=np.uint8)
+
+
+def decode_image(path: Path, *, channels: int) -> np.ndarray:
+    """One image at its own size as uint8 (H, W) or (H, W, 3).
 
     16-bit and float images (common for X-ray PNG/TIFF) are min-max scaled to 8 bits per image,
     because PIL's own conversion would clip them.
@@ -98,6 +127,4 @@ def load_image(path: Path, *, size: int, channels: int) -> np.ndarray:
         out = Image.fromarray(np.round(a * 255).astype(np.uint8))
     if channels == 3:
         out = out.convert("RGB")
-    if out.size != (size, size):
-        out = out.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(out, dtype=np.uint8)

@@ -1,5 +1,6 @@
 """Named datasets and the one entry point that loads any dataset: a MedMNIST name, a
-``synthetic-*`` name, an image folder or a CSV manifest."""
+``synthetic-*`` name, a named segmentation folder, an image folder, a segmentation folder or a
+CSV manifest."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from clinadapt.data.dataset import Dataset
 from clinadapt.data.info import DatasetInfo, TaskType
 from clinadapt.data.local import load_image_folder, load_manifest
 from clinadapt.data.medmnist import load_medmnist
+from clinadapt.data.segmentation import load_segmentation, segmentation_layout
 from clinadapt.data.synthetic import DEFAULT_SPLITS, PRESETS, make_synthetic, synthetic_info
 from clinadapt.errors import DataError, UnknownNameError
 from clinadapt.registry import Registry, did_you_mean
@@ -51,8 +53,44 @@ def _register_synthetic() -> None:
         DATASETS.register(name, info)
 
 
+SEGMENTATION = (
+    DatasetInfo(
+        name="kvasir_seg",
+        task=TaskType.SEGMENTATION,
+        labels=("background", "polyp"),
+        channels=3,
+        ndim=2,
+        description="Kvasir-SEG: 1000 colonoscopy images with polyp masks (Jha et al. 2020)",
+        license="research and education only; cite the Kvasir-SEG paper",
+        modality="endoscopy",
+    ),
+    DatasetInfo(
+        name="dsb2018_nuclei",
+        task=TaskType.SEGMENTATION,
+        labels=("background", "nucleus"),
+        channels=3,
+        ndim=2,
+        description="2018 Data Science Bowl nuclei (BBBC038), instance masks united",
+        license="CC0 1.0",
+        modality="microscopy",
+    ),
+    DatasetInfo(
+        name="hippocampus_msd",
+        task=TaskType.SEGMENTATION,
+        labels=("background", "anterior", "posterior"),
+        channels=1,
+        ndim=3,
+        description="Medical Segmentation Decathlon Task04 hippocampus crops, 3D MRI",
+        license="CC BY-SA 4.0",
+        modality="MRI",
+    ),
+)
+
+
 _register_medmnist()
 _register_synthetic()
+for _info in SEGMENTATION:
+    DATASETS.register(_info.name, _info)
 
 
 def resolve_root(root: str | Path | None = None) -> Path:
@@ -95,18 +133,40 @@ def load_dataset(
                 seed=seed,
                 name=info.name,
             )
+        if info.task is TaskType.SEGMENTATION:
+            return load_segmentation(
+                _find_folder(info.name, resolve_root(root)), info=info, seed=seed
+            )
         return load_medmnist(info, resolve_root(root), size, download=download)
     path = Path(name).expanduser()
     options = {"image_size": image_size, "volume_size": volume_size, "seed": seed}
+    if path.is_dir() and segmentation_layout(path) is not None:
+        return load_segmentation(path, seed=seed)
     if path.is_dir():
         return load_image_folder(path, **options)
     if path.is_file() and path.suffix.lower() == ".csv":
         return load_manifest(path, **options)
     if path.exists():
-        raise DataError(f"{path} is neither a folder of class sub-folders nor a .csv manifest")
+        raise DataError(
+            f"{path} is neither a folder (of class sub-folders, or a segmentation layout) nor a "
+            ".csv manifest"
+        )
     if os.sep in name or "/" in name or path.suffix:
         raise DataError(f"{path} does not exist")
     raise UnknownNameError(
         f"Unknown dataset {name!r}.{did_you_mean(name.lower(), DATASETS.names())} Give a "
         "registered name (`clinadapt datasets` lists them), an image folder or a .csv manifest."
+    )
+
+
+def _find_folder(name: str, root: Path) -> Path:
+    """``root/name``, or beside ``root`` when root is the MedMNIST folder of a data folder
+    (``data/medmnist`` next to ``data/kvasir_seg``), so one CLINADAPT_DATA finds both."""
+    for folder in (root / name, root.parent / name):
+        if folder.is_dir():
+            return folder
+    raise DataError(
+        f"{name} not found: no folder {root / name} (nor {root.parent / name}). Put the dataset "
+        "there or point to the folder holding it with root=... (CLI: --data-root) or the "
+        "CLINADAPT_DATA environment variable; it is not downloaded automatically."
     )

@@ -1,4 +1,5 @@
-"""Few-shot support sets: n examples per class, drawn from the training split only, seeded."""
+"""Few-shot support sets, drawn from the training split only, seeded: n examples per class for
+classification, n labelled cases for segmentation."""
 
 from __future__ import annotations
 
@@ -55,6 +56,21 @@ def few_shot_indices(
     else:
         actual = {names[c]: int(labels[indices, c].sum()) for c in range(num_classes)}
     return indices, actual
+
+
+def few_shot_cases(n_cases: int, shots: int | str, seed: int) -> np.ndarray:
+    """Sorted indices of ``shots`` training cases (``"all"``: every one) for segmentation, where
+    a shot is one labelled image or volume, whatever classes it shows."""
+    if isinstance(shots, str) and shots.strip().lower() == "all":
+        return np.arange(n_cases)
+    n = _parse_shots(shots)
+    if n > n_cases:
+        raise DataError(
+            f"shots={n} but the training split has only {n_cases} cases; use at most {n_cases} "
+            "or 'all'"
+        )
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_cases, size=n, replace=False)).astype(np.int64)
 
 
 def _parse_shots(shots: int | str) -> int:

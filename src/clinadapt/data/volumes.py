@@ -83,7 +83,9 @@ def _silenced(logger: logging.Logger) -> Iterator[None]:
         logger.disabled = disabled
 
 
-def _read_nifti(path: Path) -> np.ndarray:
+@contextlib.contextmanager
+def nifti_errors(path: Path) -> Iterator[ModuleType]:
+    """nibabel, with any sign of a damaged file turned into a DataError naming ``path``."""
     nib = _optional("nibabel")
     # a damaged header shows up as many kinds of error: an unknown datatype code
     # (HeaderDataError), a non-numeric one (TypeError), a negative size (OverflowError)
@@ -100,13 +102,18 @@ def _read_nifti(path: Path) -> np.ndarray:
     )
     try:
         with _silenced(nib.imageglobals.logger):
-            image = nib.as_closest_canonical(nib.load(str(path)))
-            data = np.asarray(image.dataobj, dtype=np.float32)
+            yield nib
     except unreadable as err:
         raise DataError(
             f"{path}: cannot read this NIfTI file ({err}); its header or data is damaged: "
             "export it again or remove it"
         ) from None
+
+
+def _read_nifti(path: Path) -> np.ndarray:
+    with nifti_errors(path) as nib:
+        image = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asarray(image.dataobj, dtype=np.float32)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     # RAS+ (x, y, z) -> (D, H, W) with D along the superior axis: axial slices, like DICOM.
