@@ -16,10 +16,19 @@ from clinadapt.data.checks import check_pixels
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.registry import did_you_mean
 
-__all__ = ["RESIZE_MODES", "VOLUME_RESIZE_MODES", "Preprocess", "VolumePreprocess", "check_pixels"]
+__all__ = [
+    "PAIR_RESIZE_MODES",
+    "RESIZE_MODES",
+    "VOLUME_RESIZE_MODES",
+    "PairResize",
+    "Preprocess",
+    "VolumePreprocess",
+    "check_pixels",
+]
 
 RESIZE_MODES = ("nearest", "bilinear", "pad")
 VOLUME_RESIZE_MODES = ("nearest", "trilinear", "pad")
+PAIR_RESIZE_MODES = ("linear", "nearest", "pad")
 
 
 def check_options(pre: Any, modes: tuple[str, ...], what: str) -> None:
@@ -217,3 +226,103 @@ def slices_volumes(ndim: int, preprocess: Any) -> bool:
     """Whether volumes go through a 2D network slice by slice; volume-native networks (fed by
     ``VolumePreprocess``) take them whole."""
     return ndim == 3 and not isinstance(preprocess, VolumePreprocess)
+
+
+@dataclass(frozen=True)
+class PairResize:
+    """``PairResize(256)(image, mask)`` -> (image, mask) at a fixed shape, masks always nearest.
+
+    ``image`` is one case, channel-last: (H, W), (H, W, C) or a volume (D, H, W); ``mask`` its
+    integer label map of the same spatial shape. ``size`` is one edge length (a square or cube)
+    or a full shape. Modes: ``linear`` (image bilinear or trilinear, antialiased when a 2D image
+    shrinks; mask nearest), ``nearest`` (both nearest), ``pad`` (both centred on a canvas of
+    zeros, i.e. black and background; a case larger than ``size`` is refused). The image keeps
+    its dtype (uint8 rounded back), the mask its integer dtype. ``restore`` maps a predicted
+    mask back to the case's own shape for metrics in its voxel spacing.
+    """
+
+    size: int | tuple[int, ...]
+    mode: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.mode not in PAIR_RESIZE_MODES:
+            raise ConfigError(
+                f"resize={self.mode!r} is not one of {list(PAIR_RESIZE_MODES)} for segmentation."
+                f"{did_you_mean(str(self.mode), list(PAIR_RESIZE_MODES))}"
+            )
+        sizes = (self.size,) if isinstance(self.size, int | np.integer) else tuple(self.size)
+        if not sizes or any(int(n) < 1 for n in sizes):
+            raise ConfigError(f"size must be positive edge lengths, got {self.size!r}")
+
+    def shape(self, ndim: int) -> tuple[int, ...]:
+        if isinstance(self.size, int | np.integer):
+            return (int(self.size),) * ndim
+        if len(self.size) != ndim:
+            raise ConfigError(f"size {tuple(self.size)} does not fit {ndim}D cases")
+        return tuple(int(n) for n in self.size)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.asarray(mask)
+        image = np.asarray(image)
+        spatial = mask.shape
+        if image.shape[: mask.ndim] != spatial or image.ndim - mask.ndim not in (0, 1):
+            raise DataError(
+                f"image of shape {image.shape} and mask of shape {mask.shape} differ in their "
+                "spatial shape; a mask must have the shape of its image"
+            )
+        target = self.shape(mask.ndim)
+        channels_last = image.ndim > mask.ndim
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        x = x.permute(-1, *range(mask.ndim))[None] if channels_last else x[None, None]
+        image_mode = "nearest" if self.mode == "nearest" else self.mode
+        y = self._resize(x, target, image_mode)[0]
+        y = y.permute(*range(1, mask.ndim + 1), 0) if channels_last else y[0]
+        out = y.numpy()
+        if image.dtype == np.uint8:
+            out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        mode = "pad" if self.mode == "pad" else "nearest"
+        return out, self._resize(m, target, mode)[0, 0].numpy().astype(mask.dtype)
+
+    def restore(self, mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A mask at ``size`` back to the case's own ``shape``: cropped (pad) or nearest."""
+        mask = np.asarray(mask)
+        shape = tuple(int(n) for n in shape)
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        if self.mode == "pad":
+            start = [(t - n) // 2 for t, n in zip(mask.shape, shape, strict=True)]
+            crop = tuple(slice(a, a + n) for a, n in zip(start, shape, strict=True))
+            return mask[crop].copy()
+        return F.interpolate(m, size=shape, mode="nearest-exact")[0, 0].numpy().astype(mask.dtype)
+
+    def _resize(self, x: torch.Tensor, target: tuple[int, ...], mode: str) -> torch.Tensor:
+        shape = tuple(x.shape[2:])
+        if shape == target:
+            return x
+        if mode == "nearest":
+            return F.interpolate(x, size=target, mode="nearest-exact")
+        if mode == "linear":
+            linear = "bilinear" if len(target) == 2 else "trilinear"
+            shrink = len(target) == 2 and any(n > t for n, t in zip(shape, target, strict=True))
+            return F.interpolate(x, size=target, mode=linear, align_corners=False, antialias=shrink)
+        if any(n > t for n, t in zip(shape, target, strict=True)):
+            raise ConfigError(
+                f"resize='pad' cannot fit a case of shape {shape} into {target}; use "
+                "resize='linear' or resize='nearest', or a larger size"
+            )
+        out = x.new_zeros(*x.shape[:2], *target)
+        region = tuple(
+            slice((t - n) // 2, (t - n) // 2 + n) for n, t in zip(shape, target, strict=True)
+        )
+        out[(slice(None), slice(None), *region)] = x
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What a run record needs to say how cases and masks were brought to one shape."""
+        image = {"linear": "bilinear/trilinear (antialiased when a 2D image shrinks)"}
+        return {
+            "size": self.size if isinstance(self.size, int) else list(self.size),
+            "resize": self.mode,
+            "image": image.get(self.mode, self.mode),
+            "mask": "zero padding" if self.mode == "pad" else "nearest",
+        }
