@@ -111,7 +111,8 @@ def nifti_header(path: Path) -> dict[str, Any]:
     with nifti_errors(path) as nib:
         image = nib.load(str(path))
         shape = tuple(int(n) for n in image.shape)
-        zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+        # float32 in the header: its shortest repr (0.8, not 0.800000011920929)
+        zooms = tuple(float(str(np.float32(z))) for z in image.header.get_zooms()[:3])
         affine = np.asarray(image.affine, dtype=np.float64)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
