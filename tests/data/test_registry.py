@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from clinadapt.data import DATASETS, TaskType, load_dataset, resolve_root
 from clinadapt.errors import ChecksumWarning, ConfigError, DataError, UnknownNameError
@@ -135,3 +136,21 @@ def test_real_retinamnist_and_adrenalmnist3d_verify(shared_medmnist):
     assert adrenal.provenance["verified"] is True
     assert adrenal["train"].images.shape == (1188, 28, 28, 28)
     assert json.dumps(adrenal.provenance)  # provenance goes into JSON run records
+
+
+def test_segmentation_datasets_are_registered_and_found_under_the_root(tmp_path):
+    for name, classes in (("kvasir_seg", 2), ("dsb2018_nuclei", 2), ("hippocampus_msd", 3)):
+        info = DATASETS.get(name)
+        assert info.task is TaskType.SEGMENTATION and info.num_classes == classes
+        assert info.labels[0] == "background" and info.splits == {}
+    with pytest.raises(DataError, match=r"kvasir_seg not found: no folder .*CLINADAPT_DATA"):
+        load_dataset("kvasir_seg", root=tmp_path)
+    for i in range(10):
+        for part in ("images", "masks"):
+            (tmp_path / "kvasir_seg" / part).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((4, 5), 255 * (i % 2), dtype=np.uint8)).save(
+                tmp_path / "kvasir_seg" / part / f"{i}.png"
+            )
+    ds = load_dataset("kvasir_seg", root=tmp_path)
+    assert ds.info.name == "kvasir_seg" and ds.info.labels == ("background", "polyp")
+    assert len(ds["train"]) == 7

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from clinadapt.data.transforms import Preprocess, check_pixels
+from clinadapt.data.transforms import PairResize, Preprocess, check_pixels
 from clinadapt.errors import ConfigError, DataError
 
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
@@ -113,3 +113,46 @@ def test_check_pixels_names_the_image(tmp_path):
     arr[3, 1, 1] = np.inf
     with pytest.raises(DataError, match="where: image 3"):
         check_pixels(arr, "where")
+
+
+# Segmentation pairs ---------------------------------------------------------------------------
+
+
+def test_pair_resize_keeps_mask_values_and_records_protocol():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    mask = np.zeros((30, 40), dtype=np.uint8)
+    mask[5:20, 10:30] = 2
+    mask[22:26, 2:6] = 1
+    resize = PairResize(16)
+    small_image, small_mask = resize(image, mask)
+    assert small_image.shape == (16, 16, 3) and small_image.dtype == np.uint8
+    assert small_mask.shape == (16, 16) and set(np.unique(small_mask)) == {0, 1, 2}
+    assert resize.restore(small_mask, (30, 40)).shape == (30, 40)
+    assert resize.describe() == {
+        "size": 16,
+        "resize": "linear",
+        "image": "bilinear/trilinear (antialiased when a 2D image shrinks)",
+        "mask": "nearest",
+    }
+    volume = rng.random((9, 12, 10)).astype(np.float32)
+    labels = (volume > 0.7).astype(np.int64)
+    v, m = PairResize((8, 8, 8))(volume, labels)
+    assert v.shape == m.shape == (8, 8, 8) and v.dtype == np.float32 and m.dtype == np.int64
+    assert set(np.unique(m)) <= {0, 1}
+
+
+def test_pair_resize_pad_round_trips_and_refuses_large_cases():
+    image = np.full((10, 12), 200, dtype=np.uint8)
+    mask = np.eye(10, 12, dtype=np.uint8)
+    resize = PairResize((16, 16), "pad")
+    padded_image, padded_mask = resize(image, mask)
+    assert padded_image[0, 0] == 0 and padded_image[3:13, 2:14].min() == 200
+    assert (resize.restore(padded_mask, (10, 12)) == mask).all()
+    assert resize.describe()["mask"] == "zero padding"
+    with pytest.raises(ConfigError, match="cannot fit"):
+        PairResize(8, "pad")(image, mask)
+    with pytest.raises(ConfigError, match="not one of"):
+        PairResize(8, "bicubic")
+    with pytest.raises(DataError, match="spatial shape"):
+        PairResize(8)(image, mask[:5])
