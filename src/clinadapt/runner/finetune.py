@@ -102,6 +102,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
             **preprocess.describe(),
             "source_size": dataset.size,
             "precision": result.precision,
+            "precision_check": result.precision_check,
         },
         "method": {
             "name": cfg.method,
