@@ -149,6 +149,12 @@ def test_extraction_auto_probes_the_first_batch_and_extracts_in_the_decision(bf1
         extraction_precision(AGREES, IMAGES, tiny_preprocess, precision="half")
 
 
+def test_auto_without_images_is_fp32(bf16_native):
+    empty = np.zeros((0, 28, 28), dtype=np.uint8)
+    decision = extraction_precision(AGREES, empty, tiny_preprocess)
+    assert decision.used == "fp32" and "no data" in decision.reason
+
+
 @pytest.mark.parametrize(("mode", "per_batch"), [("axial", 2), ("planes", 1)])
 def test_volumes_through_a_2d_backbone_probe_whole_volumes(bf16_native, mode, per_batch):
     volumes = np.random.default_rng(1).integers(0, 256, size=(5, 6, 20, 16), dtype=np.uint8)

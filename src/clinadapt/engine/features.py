@@ -7,6 +7,7 @@ as grayscale slices along one or all three orthogonal planes and are mean-pooled
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -145,46 +146,43 @@ def extraction_precision(
     """
     check_precision(precision)
     dev = resolve_device(device)
-    n = len(images)
-    volumes, step = (
-        _batch_plan(images, batch_size, volume_mode, max_slices, is_volume)
-        if n
-        else (bool(is_volume), batch_size)
-    )
-    first: list[np.ndarray] = []
+
+    @functools.cache
+    def first_batch() -> tuple[np.ndarray, bool]:
+        volumes, step = _batch_plan(images, batch_size, volume_mode, max_slices, is_volume)
+        return np.asarray(images[np.arange(min(step, len(images)))]), volumes
 
     def probe(probe_precision: str) -> np.ndarray:
-        if not first:
-            first.append(np.asarray(images[np.arange(min(step, n))]))
+        if len(images) == 0:
+            return np.empty((0, backbone.feature_dim), dtype=np.float32)
+        items, volumes = first_batch()
+        options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": volumes}
 
         def compute() -> np.ndarray:
             return extract_features(
                 backbone,
-                first[0],
+                items,
                 preprocess,
                 batch_size=batch_size,
                 precision=probe_precision,
-                volume_mode=volume_mode,
-                max_slices=max_slices,
-                is_volume=volumes,
                 device=dev,
                 progress=False,
+                **options,
             )
 
         if cache is None:
             return compute()
         describe = getattr(preprocess, "describe", None)
         parts = {
-            "probe_sha256": array_sha256(first[0]),
-            "probe_shape": list(first[0].shape),
+            "probe_sha256": array_sha256(items),
+            "probe_shape": list(items.shape),
             "backbone": backbone.name,
             "weights_id": backbone.weights_id,
             "preprocess": describe() if callable(describe) else repr(preprocess),
             "precision": probe_precision,
-            "volume_mode": volume_mode if volumes else None,
-            "max_slices": max_slices if volumes else None,
             "device": dev.type,
             "torch": torch.__version__,
+            **options,
         }
         return cache.get_or_compute(parts, compute)[0]
 
