@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clinadapt.backbones import create_backbone
-from clinadapt.engine import extract_features, resolve_precision, slice_indices
+from clinadapt.engine import extract_features, slice_indices
 from clinadapt.engine import features as features_module
 from clinadapt.errors import ConfigError
 
@@ -87,17 +87,6 @@ def test_bf16_is_close_to_fp32(backbone, preprocess):
     fp32 = extract_features(backbone, IMAGES, preprocess, precision="fp32", progress=False)
     bf16 = extract_features(backbone, IMAGES, preprocess, precision="bf16", progress=False)
     assert cosine(fp32, bf16).min() > 0.98
-
-
-def test_resolve_precision(monkeypatch):
-    assert resolve_precision("fp32", "cpu") == "fp32"
-    assert resolve_precision("bf16", "cpu") == "bf16"
-    monkeypatch.setattr(features_module, "bf16_supported", lambda device: False)
-    assert resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(features_module, "bf16_supported", lambda device: True)
-    assert resolve_precision("auto", "cpu") == "bf16"
-    with pytest.raises(ConfigError, match="fp16"):
-        resolve_precision("fp16", "cpu")
 
 
 def naive_volume(backbone, preprocess, volume, mode, max_slices=None) -> np.ndarray:

@@ -7,52 +7,30 @@ as grayscale slices along one or all three orthogonal planes and are mean-pooled
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from clinadapt.backbones.base import Backbone
+from clinadapt.engine.cache import FeatureCache, array_sha256
+from clinadapt.engine.precision import (
+    PrecisionDecision,
+    check_precision,
+    decide_precision,
+    memory_format_for,
+    resolve_device,
+)
 from clinadapt.errors import ConfigError, DataError
 
 Precision = Literal["auto", "bf16", "fp32"]
 VolumeMode = Literal["axial", "coronal", "sagittal", "planes"]
 Preprocess = Callable[[np.ndarray], Any]  # numpy batch -> (B, 3, S, S) float tensor
-PRECISIONS = ("auto", "bf16", "fp32")
 PLANE_AXES = {"axial": (1,), "coronal": (2,), "sagittal": (3,), "planes": (1, 2, 3)}
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is fast here: CUDA bf16 units, or CPU AMX / AVX512-BF16 via oneDNN."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-    return False
-
-
-def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
-    """``bf16`` or ``fp32``: ``auto`` picks bf16 where the device runs it natively.
-
-    Callers record the resolved value (and use it in feature-cache keys).
-    """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    return "bf16" if bf16_supported(resolve_device(device)) else "fp32"
 
 
 def slice_indices(length: int, max_slices: int | None) -> np.ndarray:
@@ -84,13 +62,6 @@ def _check_volume_mode(mode: str) -> None:
         raise ConfigError(f"volume_mode must be one of {tuple(PLANE_AXES)}, got {mode!r}")
 
 
-def memory_format_for(model: nn.Module) -> torch.memory_format:
-    """Channels-last for CNNs (about 2x faster on oneDNN CPUs and cuDNN); ViTs, whose only
-    convolution is the patch embedding, stay contiguous (channels-last slows them a little)."""
-    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    return torch.channels_last if convs > 1 else torch.contiguous_format
-
-
 def looks_like_volumes(batch: np.ndarray) -> bool:
     """(B, D, H, W) rather than channel-last colour (B, H, W, C) with C in 1, 3, 4."""
     return batch.ndim == 4 and batch.shape[-1] not in (1, 3, 4)
@@ -115,26 +86,27 @@ def extract_features(
     Returns (N, feature_dim) float32. Only one batch of images (``batch_size`` 2D images, or
     enough volumes to give about ``batch_size`` slices) is in memory at a time. ``is_volume``
     defaults to guessing from the batch shape; pass ``dataset.info.ndim == 3`` to be explicit.
+    ``precision="auto"`` is decided by ``extraction_precision`` on the first batch.
     """
+    check_precision(precision)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     _check_volume_mode(volume_mode)  # even for 2D data: a typo should not wait for a 3D run
     dev = resolve_device(device)
-    use_bf16 = resolve_precision(precision, dev) == "bf16"
     n = len(images)
     out = np.empty((n, backbone.feature_dim), dtype=np.float32)
     if n == 0:
         return out
+    volumes, step = _batch_plan(images, batch_size, volume_mode, max_slices, is_volume)
+    if precision == "auto":
+        options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": volumes}
+        precision = extraction_precision(
+            backbone, images, preprocess, batch_size=batch_size, device=dev, **options
+        ).used
     layout = memory_format_for(backbone)
     backbone.to(dev, memory_format=layout).eval()
     embed = _Embedder(backbone, preprocess, dev, batch_size, layout)
-    first = np.asarray(images[np.array([0])])
-    volumes = looks_like_volumes(first) if is_volume is None else is_volume
-    step = batch_size
-    if volumes:
-        slices_each = sum(p.shape[1] for p in volume_planes(first, volume_mode, max_slices))
-        step = max(1, batch_size // slices_each)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else None
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else None
     with (
         torch.inference_mode(),
         _flush_denormals(),
@@ -150,6 +122,88 @@ def extract_features(
             release_mapped_pages(images)
             bar.update(len(index))
     return out
+
+
+def extraction_precision(
+    backbone: Backbone,
+    images: Any,
+    preprocess: Preprocess,
+    *,
+    precision: Precision | str = "auto",
+    batch_size: int = 64,
+    volume_mode: VolumeMode | str = "axial",
+    max_slices: int | None = None,
+    is_volume: bool | None = None,
+    device: str | torch.device | None = None,
+    cache: FeatureCache | None = None,
+) -> PrecisionDecision:
+    """The precision ``extract_features`` should use on ``images`` with these options.
+
+    ``auto`` embeds the first extraction batch (``batch_size`` images, or the volumes that fill
+    one batch of slices) through ``extract_features`` in fp32 and in bf16 and keeps bf16 only
+    when they agree (``engine.precision.decide_precision``). With ``cache``, the two probe
+    embeddings are stored like features, so a cached run repeats the decision without a forward.
+    """
+    check_precision(precision)
+    dev = resolve_device(device)
+
+    @functools.cache
+    def first_batch() -> tuple[np.ndarray, bool]:
+        volumes, step = _batch_plan(images, batch_size, volume_mode, max_slices, is_volume)
+        return np.asarray(images[np.arange(min(step, len(images)))]), volumes
+
+    def probe(probe_precision: str) -> np.ndarray:
+        if len(images) == 0:
+            return np.empty((0, backbone.feature_dim), dtype=np.float32)
+        items, volumes = first_batch()
+        options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": volumes}
+
+        def compute() -> np.ndarray:
+            return extract_features(
+                backbone,
+                items,
+                preprocess,
+                batch_size=batch_size,
+                precision=probe_precision,
+                device=dev,
+                progress=False,
+                **options,
+            )
+
+        if cache is None:
+            return compute()
+        describe = getattr(preprocess, "describe", None)
+        parts = {
+            "probe_sha256": array_sha256(items),
+            "probe_shape": list(items.shape),
+            "backbone": backbone.name,
+            "weights_id": backbone.weights_id,
+            "model_kwargs": backbone.model_kwargs,
+            "preprocess": describe() if callable(describe) else repr(preprocess),
+            "precision": probe_precision,
+            "device": dev.type,
+            "torch": torch.__version__,
+            **options,
+        }
+        return cache.get_or_compute(parts, compute)[0]
+
+    return decide_precision(precision, dev, probe)
+
+
+def _batch_plan(
+    images: Any,
+    batch_size: int,
+    volume_mode: str,
+    max_slices: int | None,
+    is_volume: bool | None,
+) -> tuple[bool, int]:
+    """(volumes?, items per extraction batch): volumes fill a batch with their slices."""
+    first = np.asarray(images[np.array([0])])
+    volumes = looks_like_volumes(first) if is_volume is None else is_volume
+    if not volumes:
+        return False, batch_size
+    slices_each = sum(p.shape[1] for p in volume_planes(first, volume_mode, max_slices))
+    return True, max(1, batch_size // slices_each)
 
 
 def release_mapped_pages(images: Any) -> None:

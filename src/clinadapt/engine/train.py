@@ -10,6 +10,7 @@ statistics do not drift towards the small medical training set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -26,9 +27,14 @@ from clinadapt.data.checks import check_labels
 from clinadapt.data.info import TaskType
 from clinadapt.data.transforms import VolumePreprocess
 from clinadapt.engine.augment import resolve_augment
-from clinadapt.engine.batches import is_grayscale
-from clinadapt.engine.features import resolve_device, resolve_precision
+from clinadapt.engine.batches import Collate, SliceMean, is_grayscale
 from clinadapt.engine.loop import Loop
+from clinadapt.engine.precision import (
+    decide_precision,
+    forward_in,
+    resolve_device,
+    resolve_precision,
+)
 from clinadapt.engine.predict import predict_proba
 from clinadapt.engine.runtime import accelerator_session, deterministic_kernels
 from clinadapt.engine.train_config import EpochCallback, TrainConfig, TrainResult
@@ -71,7 +77,9 @@ def train(
     train_split = _checked(train, task, num_classes, "train", volume, native)
     val_split = _checked(val, task, num_classes, "val", volume, native) if val is not None else None
     device = torch.device("cpu") if config.device == "cpu" else resolve_device()
-    precision = training_precision(config.precision, device)
+    probe = _first_batch_probe(model, train_split, preprocess, config, volume, device)
+    check = decide_precision(config.precision, device, probe)
+    precision = training_precision(check.used, device)
     augment = resolve_augment(
         config.augment, config.augment_options, grayscale=is_grayscale(train_split[0], volume)
     )
@@ -108,7 +116,8 @@ def train(
             volume=volume,
             progress=progress,
         )
-        return loop.run(resume=resume, on_epoch_end=on_epoch_end)
+        result = loop.run(resume=resume, on_epoch_end=on_epoch_end)
+    return dataclasses.replace(result, precision_check=check.to_dict())
 
 
 def _checked(
@@ -149,6 +158,28 @@ def training_precision(precision: str, device: torch.device) -> str:
             )
         return precision
     return resolve_precision(precision, device)
+
+
+def _first_batch_probe(
+    model: nn.Module,
+    split: tuple[Any, np.ndarray],
+    preprocess: Callable[[np.ndarray], Any],
+    config: TrainConfig,
+    volume: bool,
+    device: torch.device,
+) -> Callable[[str], np.ndarray]:
+    """What ``precision=auto`` compares in fp32 and bf16: the features of the model's backbone
+    (its output when it has none) on the first training batch, prepared as for training."""
+    body = model.backbone if isinstance(getattr(model, "backbone", None), nn.Module) else model
+    net = SliceMean(body) if volume else body
+
+    def probe(precision: str) -> np.ndarray:
+        images = split[0]
+        first = [np.asarray(images[i]) for i in range(min(len(images), config.batch_size))]
+        x = Collate(preprocess, volume, config.max_slices).images(np.stack(first))
+        return forward_in(net, x, precision, device)
+
+    return probe
 
 
 @contextlib.contextmanager

@@ -78,7 +78,10 @@ class TrainConfig:
     )
     precision: str = field(
         default="auto",
-        metadata=_help("auto (bf16 where native) | bf16 | fp16 (CUDA, with a GradScaler) | fp32"),
+        metadata=_help(
+            "auto (bf16 where native and the first batch's features agree with fp32) | bf16 | "
+            "fp16 (CUDA, with a GradScaler) | fp32"
+        ),
     )
     device: str = field(
         default="auto", metadata=_help("auto (a GPU when present, via accelerate) | cpu")
@@ -148,6 +151,7 @@ class TrainResult:
     stopped_early: bool
     precision: str
     trainable_parameters: int
+    precision_check: dict[str, Any] | None = None  # PrecisionDecision.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -144,7 +144,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     from clinadapt.backbones import create_backbone
     from clinadapt.data import load_dataset
     from clinadapt.data.transforms import slices_volumes
-    from clinadapt.engine import FeatureCache, extract_features, resolve_precision
+    from clinadapt.engine import FeatureCache, extract_features, extraction_precision
     from clinadapt.runner.identity import bundle_key
     from clinadapt.runner.records import package_versions
 
@@ -158,9 +158,22 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     timings["load_backbone_s"] = time.perf_counter() - start
     preprocess = make_preprocess(backbone, cfg)
     slices = slices_volumes(dataset.info.ndim, preprocess)
-    precision = resolve_precision(cfg.precision)
     cache = FeatureCache(Path(cfg.cache_dir)) if cfg.cache_dir else FeatureCache()
     versions = {k: v for k, v in package_versions().items() if k in ("clinadapt", "torch", "timm")}
+    start = time.perf_counter()
+    precision_check = extraction_precision(
+        backbone,
+        dataset["train"].images,
+        preprocess,
+        precision=cfg.precision,
+        batch_size=cfg.batch_size or EXTRACTION_BATCH,
+        volume_mode=cfg.volume_mode,
+        max_slices=cfg.max_slices,
+        is_volume=slices,
+        cache=cache,
+    )
+    timings["precision_check_s"] = time.perf_counter() - start
+    precision = precision_check.used
     features, labels, hits = {}, {}, {}
     for split_name, split in dataset.splits.items():
         parts = {
@@ -208,7 +221,11 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         backbone=backbone_summary(
             backbone, cfg.weights, sum(p.numel() for p in backbone.parameters())
         ),
-        preprocessing={**preprocessing, "precision": precision},
+        preprocessing={
+            **preprocessing,
+            "precision": precision,
+            "precision_check": precision_check.to_dict(),
+        },
         timings=timings,
         cache_hits=hits,
         key=bundle_key(cfg),

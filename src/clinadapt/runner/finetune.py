@@ -116,6 +116,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         preprocessing={
             **protocol(preprocess, dataset.size, cfg.resize),
             "precision": result.precision,
+            "precision_check": result.precision_check,
         },
         method={
             "name": cfg.method,

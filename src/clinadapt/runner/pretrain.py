@@ -25,7 +25,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     from clinadapt.backbones import create_backbone, get_spec
     from clinadapt.backbones.weights import file_sha256
     from clinadapt.engine.batches import is_grayscale
-    from clinadapt.engine.features import resolve_device
+    from clinadapt.engine.precision import resolve_device
     from clinadapt.engine.train import training_precision
     from clinadapt.runner.common import backbone_summary, dataset_summary, make_preprocess
     from clinadapt.runner.records import build_record
