@@ -34,6 +34,7 @@ and counted, and percentile-bootstrap 95% intervals over cases (resampled as in
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Sequence
@@ -61,14 +62,14 @@ def _check_labels(name: str, a: np.ndarray, num_classes: int) -> np.ndarray:
         fractional = a[a != np.round(a)]
         if fractional.size:
             raise DataError(
-                f"{name} has non-integer label {fractional.flat[0]!r}; give class indices "
+                f"{name} has non-integer label {fractional.flat[0].item()!r}; give class indices "
                 "(argmax the model's scores, round labels read from a float file)"
             )
     outside = a[(a < 0) | (a >= num_classes)]
     if outside.size:
         raise DataError(
-            f"{name} has label {outside.flat[0]!r} outside [0, {num_classes}); check num_classes "
-            "or the mask's labels"
+            f"{name} has label {outside.flat[0].item()!r} outside [0, {num_classes}); check "
+            "num_classes or the mask's labels"
         )
     return a.astype(np.int64)
 
@@ -77,6 +78,8 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
     if spacing is None:
         return None
     try:
+        if isinstance(spacing, str | bytes):
+            raise TypeError
         values = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
         raise DataError(
@@ -114,8 +117,8 @@ def case_metrics(
         raise ConfigError(
             f"num_classes must be at least 2 (background + one class), got {num_classes}"
         )
-    tol = float(nsd_tolerance_mm)
-    if not math.isfinite(tol) or tol < 0:
+    tol = nsd_tolerance_mm
+    if not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
         raise ConfigError(
             f"nsd_tolerance_mm must be a non-negative number, got {nsd_tolerance_mm!r}"
         )
@@ -141,9 +144,8 @@ def case_metrics(
     )
 
     def one_hot(a: np.ndarray) -> torch.Tensor:  # (1, C-1, *spatial), background dropped
-        return torch.nn.functional.one_hot(torch.from_numpy(a), num_classes).movedim(-1, 0)[1:][
-            None
-        ]
+        channels = torch.nn.functional.one_hot(torch.from_numpy(a), num_classes).movedim(-1, 0)
+        return channels[1:][None]
 
     yp, yt = one_hot(p), one_hot(t)
     spatial = tuple(range(2, yp.ndim))
@@ -164,7 +166,7 @@ def case_metrics(
                 sp, st, include_background=True, percentile=95, spacing=spacing
             )[0].numpy()
             values["nsd"][both] = compute_surface_dice(
-                sp, st, [tol] * len(both), include_background=True, spacing=spacing
+                sp, st, [float(tol)] * len(both), include_background=True, spacing=spacing
             )[0].numpy()
 
     out: dict[str, Any] = {}
@@ -183,7 +185,7 @@ def case_metrics(
                 f"{metric} undefined for {what} {', '.join(missing)} ({EMPTY_ONE_SIDE})"
             )
     out["distance_unit"] = "pixel" if spacing is None else "mm"
-    out["nsd_tolerance"] = tol
+    out["nsd_tolerance"] = float(tol)
     out["undefined"] = undefined
     return out
 
@@ -246,7 +248,7 @@ def aggregate(
         entry: dict[str, Any] = {
             "mean": float(defined.mean()) if len(defined) else float("nan"),
             "sd": float(defined.std(ddof=1)) if len(defined) > 1 else float("nan"),
-            "n": int(len(defined)),
+            "n": len(defined),
             "n_undefined": int(n - len(defined)),
         }
         reasons = sorted({c["undefined"][name] for c in cases if name in c.get("undefined", {})})
