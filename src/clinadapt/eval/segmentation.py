@@ -13,7 +13,7 @@ prediction), not the percentile of the pooled distances; NSD counts surface voxe
 tolerance in both directions over all surface voxels (MONAI's ``use_subvoxels=False``, not
 DeepMind's surface-element areas).
 
-Empty classes, decided here rather than left to MONAI (whose HD95 and NSD are NaN there):
+Empty classes are decided here, not left to MONAI (NaN HD95 for any empty side, NaN NSD for both):
 
 - ground truth and prediction both empty: dice = iou = nsd = 1 and hd95 = 0. The model correctly
   says the structure is absent, which is the answer a reader wants credited; it is MONAI's
