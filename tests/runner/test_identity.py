@@ -177,3 +177,19 @@ def test_feature_cache_tells_apart_model_kwargs_of_the_same_weights(tmp_path):
     ]
     assert not any(bundles[1].cache_hits.values())
     assert not np.allclose(bundles[0].features["test"], bundles[1].features["test"])
+
+
+def test_a_validation_budget_that_follows_the_shots_is_no_differing_option(tmp_path):
+    from clinadapt.runner.records import read_records
+    from clinadapt.runner.report import summarise
+
+    run_grid(grid(shots=["2", "all"]), tmp_path, progress=False)
+    rows = summarise(read_records(tmp_path))
+    assert [r["options"] for r in rows] == ["", ""]
+    run_grid(grid(shots=["2"], base={**BASE, "val_shots": "all"}), tmp_path, progress=False)
+    rows = summarise(read_records(tmp_path))
+    assert sorted(r["options"] for r in rows) == [
+        "val_shots=all",
+        "val_shots=as shots",
+        "val_shots=as shots",
+    ]

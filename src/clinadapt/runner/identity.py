@@ -74,11 +74,14 @@ def bundle_key(cfg: Any) -> str:
 
 def flat_options(resolved: dict[str, Any]) -> dict[str, Any]:
     """``resolved_options`` as one level: ``method.k``, ``train.lr``; lists become tuples so
-    values can be compared and grouped. The seed is left out (reports aggregate over it)."""
+    values can be compared and grouped. The seed is left out (reports aggregate over it), and a
+    validation budget equal to the shots reads ``as shots``, so it does not vary with them."""
     flat: dict[str, Any] = {}
     for key, value in resolved.items():
         if key == "seed":
             continue
+        if key == "val_shots" and value == resolved.get("shots"):
+            value = "as shots"  # the default rule, not an option that differs between rows
         if key in ("method_options", "train") and isinstance(value, dict):
             prefix = "method" if key == "method_options" else "train"
             for inner, v in value.items():

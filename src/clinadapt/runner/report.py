@@ -224,7 +224,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             _fmt(r, "balanced_accuracy"),
             r["protocol"],
             f"{r['fitted_parameters']:,}",
-            f"{r['time_s']:.1f}",
+            f"{r['time_s']:.2f}",
         ]
         for r in rows
     ]
