@@ -73,13 +73,15 @@ def test_rerun_with_another_option_runs_anew_and_same_command_resumes(tmp_path):
 
 def test_report_tells_apart_runs_that_differ_in_an_option(tmp_path):
     from clinadapt.runner.records import read_records
-    from clinadapt.runner.report import summarise
+    from clinadapt.runner.report import markdown_table, summarise
 
     run_grid(grid(), tmp_path, progress=False)
     run_grid(grid(base={**BASE, "resize": "pad"}), tmp_path, progress=False)
     rows = summarise(read_records(tmp_path))
     assert sorted(r["options"] for r in rows) == ["resize=nearest", "resize=pad"]
     assert all(r["seeds"] == 1 for r in rows)
+    assert "| resize=pad |" in markdown_table(rows)
+    assert "options" not in markdown_table([{**rows[0], "options": ""}])
 
 
 def test_per_method_options_and_grids_over_them(tmp_path):

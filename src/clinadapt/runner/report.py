@@ -208,8 +208,14 @@ HEADER = [
 ]
 
 
+def header(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's columns; ``options`` only when some rows differ in an option."""
+    return [h for h in HEADER if h != "options" or any(r["options"] for r in rows)]
+
+
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    return [
+    keep = [h != "options" or any(r["options"] for r in rows) for h in HEADER]
+    cells = [
         [
             r["dataset"] + ("" if r["verified"] is not False else " (unverified md5)"),
             r["backbone"],
@@ -228,10 +234,12 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         ]
         for r in rows
     ]
+    return [[c for c, k in zip(row, keep, strict=True) if k] for row in cells]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    columns = header(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
     return "\n".join(lines)
 
@@ -444,7 +452,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
 
 def _html(rows: list[dict[str, Any]], notes: list[str], plots: list[Path], fails: list[str]) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+    head = "".join(f"<th>{esc(h)}</th>" for h in header(rows))
     body = "".join(
         "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
         for cells in table_rows(rows)
