@@ -93,6 +93,16 @@ def test_per_method_options_and_grids_over_them(tmp_path):
         ("linear", None),
     ]
     assert len({record_path(tmp_path, r) for r in runs}) == 3
+    from clinadapt.runner.records import read_records
+    from clinadapt.runner.report import summarise
+
+    run_grid(g, tmp_path, progress=False)
+    rows = summarise(read_records(tmp_path))
+    assert sorted((r["method"], r["options"], r["seeds"]) for r in rows) == [
+        ("knn", "method.k=1", 1),
+        ("knn", "method.k=3", 1),
+        ("linear", "", 1),
+    ]
     comma = grid(method_options={"knn": {"k": "1,3"}})
     assert [r.method_options["k"] for r in expand(comma)] == [1, 3]
     as_value = grid(methods=["linear"], method_options={"linear": {"c_grid": [0.1, 1.0]}})

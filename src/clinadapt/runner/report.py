@@ -49,7 +49,7 @@ def varying_options(records: list[dict[str, Any]]) -> list[str]:
     for rec in records:
         method = rec["config"]["method"]
         for key, value in flat_options(rec["run"]["options"]).items():
-            if key.split(".")[0] in AXES:
+            if key in AXES:
                 continue
             values[(method if key.startswith(("method.", "train.")) else "", key)].add(value)
     return sorted({key for (_, key), seen in values.items() if len(seen) > 1})
