@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
+
+from clinadapt.errors import ClinadaptError
 
 
 @dataclass(frozen=True)
@@ -21,12 +24,14 @@ class PretrainedConfig:
 
 
 class Backbone(nn.Module):
-    """A frozen-feature extractor: ``embed(images) -> [B, feature_dim]``.
+    """A frozen-feature extractor: ``embed(images) -> [B, feature_dim]``, and
+    ``dense(images) -> [B, dense_dim, *grid]`` for heads that need a spatial map (segmentation).
 
     ``weights_id`` identifies the weights exactly (``none``, a sha256 of a local file, or the hub
     tag) and, with ``model_kwargs`` (constructor options such as a weights folder's
     ``create_model_kwargs``), is part of every feature-cache key. ``is_pretrained`` is False for
-    random initialisation, which reports mark as an untrained control.
+    random initialisation, which reports mark as an untrained control. ``ndim`` is 2 for image
+    backbones and 3 for volume-native ones.
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class Backbone(nn.Module):
         weights_id: str,
         is_pretrained: bool,
         model_kwargs: dict | None = None,
+        ndim: int = 2,
     ) -> None:
         super().__init__()
         self.name = name
@@ -47,10 +53,84 @@ class Backbone(nn.Module):
         self.weights_id = weights_id
         self.is_pretrained = is_pretrained
         self.model_kwargs = dict(model_kwargs or {})
+        self.ndim = ndim
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features for a normalised batch of shape (B, C, H, W)."""
         return self.model(images)
 
+    def dense(self, images: torch.Tensor) -> torch.Tensor:
+        """The last feature map before pooling: (B, dense_dim, h, w) for images, (B, dense_dim,
+        d, h, w) for volumes. Like ``embed`` it leaves gradient tracking to the caller."""
+        return _dense_map(self.name, self.model, images)
+
+    @property
+    def dense_dim(self) -> int:
+        """Channels of ``dense``'s map (a ViT's width, not its projected ``feature_dim``)."""
+        return self._dense_geometry[0]
+
+    @property
+    def dense_stride(self) -> tuple[int, ...]:
+        """Input pixels per map cell along each spatial axis, at the backbone's input size."""
+        return self._dense_geometry[1]
+
+    @cached_property
+    def _dense_geometry(self) -> tuple[int, tuple[int, ...]]:
+        """Measured once, on first use, by one dummy forward at the input size: every library
+        reports channels and stride differently (or not at all), the output never lies, and
+        backbones used only for ``embed`` do not pay for it. The forward runs in eval mode so
+        batch-norm statistics stay untouched."""
+        cfg = self.pretrained_cfg
+        size = (cfg.input_size,) * self.ndim
+        param = next(self.model.parameters(), None)
+        dummy = torch.zeros(
+            1,
+            cfg.channels,
+            *size,
+            device=param.device if param is not None else None,
+            dtype=param.dtype if param is not None else None,
+        )
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.dense(dummy)
+        finally:
+            self.model.train(training)
+        return int(out.shape[1]), tuple(s // m for s, m in zip(size, out.shape[2:], strict=True))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(images)
+
+
+def _dense_map(name: str, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Channel-first spatial features from clinadapt, timm or open_clip models.
+
+    clinadapt's own nets define ``forward_dense``. Token models (timm ViTs, open_clip's ViT
+    tower) use the library's ``forward_intermediates`` for the last block, final norm applied,
+    prefix tokens (class, registers) dropped and patches laid out on the grid. timm CNNs return
+    the map from ``forward_features`` (channels last for Swin-like models, per ``output_fmt``).
+    """
+    own = getattr(model, "forward_dense", None)
+    if callable(own):
+        return own(images)
+    library = type(model).__module__.split(".")[0]
+    takes = getattr(model, "forward_intermediates", None)
+    if library == "open_clip" and callable(takes) and hasattr(model, "ln_post"):
+        out = takes(images, indices=1, normalize_intermediates=True, intermediates_only=True)
+        return out["image_intermediates"][-1]
+    if library == "timm" and getattr(model, "num_prefix_tokens", None) is not None:
+        if callable(takes):
+            last = takes(images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)
+            return last[-1]
+    elif library == "timm" and callable(getattr(model, "forward_features", None)):
+        out = model.forward_features(images)
+        if getattr(model, "output_fmt", "NCHW") == "NHWC":
+            out = out.movedim(-1, 1)
+        if out.ndim == images.ndim:
+            return out
+    raise ClinadaptError(
+        f"dense features are not available for {name} ({type(model).__name__}): it has no "
+        "spatial feature map clinadapt knows how to read; use a timm CNN or ViT, an open_clip "
+        "ViT or one of clinadapt's own backbones (clinadapt backbones lists them)"
+    )

@@ -79,6 +79,7 @@ def create_backbone(
         weights_id=weights_id,
         is_pretrained=weights != "none",
         model_kwargs=spec.kwargs,
+        ndim=spec.ndim,
     )
     return backbone.eval()
 

@@ -231,6 +231,11 @@ class ResNet(nn.Module):
                 x = stage(x)
         return x
 
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map, (B, num_features, h, w) or (B, num_features, d, h, w), whose
+        average is the pooled feature."""
+        return self.forward_features(x)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.linear(x)

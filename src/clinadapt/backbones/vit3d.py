@@ -191,6 +191,13 @@ class VisionTransformer3d(nn.Module):
                 x = block(x)
         return self.norm(x)
 
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The normed patch tokens as a map (B, D, d, h, w) over the patch grid (class token
+        dropped)."""
+        tokens = self.forward_features(x)[:, self.num_prefix_tokens :]
+        grid = _grid(x.shape[-3:], self.patch_embed.patch_size)
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]
         return x if pre_logits else self.head(x)

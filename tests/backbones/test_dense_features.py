@@ -1,0 +1,171 @@
+"""``Backbone.dense``: spatial feature maps for segmentation heads, from every kind of backbone
+(timm CNNs and ViTs, Swin, open_clip's ViT tower, clinadapt's 2D/3D ResNets and 3D ViT)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from clinadapt.backbones import BACKBONES, create_backbone, get_spec
+from clinadapt.backbones.base import Backbone, PretrainedConfig
+from clinadapt.errors import ClinadaptError
+
+TINY = [n for n in BACKBONES.names() if get_spec(n).tiny]
+NAMES = [*TINY, "vit_t_28", "resnet18_28", "resnet18_3d"]
+CNNS = [n for n in NAMES if get_spec(n).family == "cnn"]
+VITS = [n for n in NAMES if get_spec(n).family == "vit"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch(backbone: Backbone, size: int | None = None, n: int = 2) -> torch.Tensor:
+    cfg = backbone.pretrained_cfg
+    torch.manual_seed(1)
+    return torch.randn(n, cfg.channels, *[size or cfg.input_size] * backbone.ndim)
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, Backbone]:
+    return {name: create_backbone(name, "none") for name in NAMES}
+
+
+def test_every_tiny_backbone_is_covered():
+    assert {"test_cnn", "test_vit", "test_resnet3d", "test_vit3d"} <= set(TINY)
+    assert CNNS and VITS
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_map_shape_follows_declared_width_and_stride(built, name):
+    backbone = built[name]
+    x = batch(backbone)
+    out = backbone.dense(x)
+    grid = tuple(backbone.pretrained_cfg.input_size // s for s in backbone.dense_stride)
+    assert out.shape == (2, backbone.dense_dim, *grid)
+    assert out.ndim == 2 + get_spec(name).ndim and len(backbone.dense_stride) == backbone.ndim
+    assert not out.requires_grad and not backbone.training
+
+
+@pytest.mark.parametrize(
+    ("name", "dim", "stride"),
+    [
+        ("test_cnn", 96, (32, 32)),
+        ("test_vit", 64, (16, 16)),
+        ("vit_t_28", 192, (4, 4)),
+        ("resnet18_28", 512, (7, 7)),  # 28 -> 28, 14, 7, 4: three stride-2 stages, padded
+        ("resnet18_3d", 512, (7, 7, 7)),
+        ("test_vit3d", 32, (4, 4, 4)),
+    ],
+)
+def test_known_geometry(built, name, dim, stride):
+    assert (built[name].dense_dim, built[name].dense_stride) == (dim, stride)
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_cnn_map_averages_to_the_embedding(built, name):
+    backbone = built[name]
+    size = backbone.pretrained_cfg.input_size
+    if min(size // s for s in backbone.dense_stride) == 1:  # test_cnn: make the map wider than 1
+        size *= 2
+    x = batch(backbone, size)
+    dense = backbone.dense(x)
+    assert min(dense.shape[2:]) > 1
+    torch.testing.assert_close(dense.flatten(2).mean(-1), backbone.embed(x))
+
+
+def test_timm_mobilenet_map_is_the_head_convolution_output():
+    backbone = create_backbone("mobilenetv2_100", "none")
+    x = batch(backbone, 64)
+    dense = backbone.dense(x)
+    assert dense.shape == (2, 1280, 2, 2) and backbone.dense_stride == (32, 32)
+    torch.testing.assert_close(dense.mean((2, 3)), backbone.embed(x))
+
+
+@pytest.mark.parametrize("name", VITS)
+def test_vit_map_holds_the_patch_tokens_of_forward_features(built, name):
+    backbone = built[name]
+    x = batch(backbone)
+    model = backbone.model
+    tokens = model.forward_features(x)[:, model.num_prefix_tokens :]
+    dense = backbone.dense(x)
+    assert tokens.shape[1] == dense[0, 0].numel()
+    torch.testing.assert_close(dense.flatten(2).transpose(1, 2), tokens)
+    # raster order: the second token is the neighbour along the last axis
+    torch.testing.assert_close(dense[(0, slice(None), *[0] * (dense.ndim - 3), 1)], tokens[0, 1])
+
+
+def test_vit_with_registers_and_dynamic_size_reads_the_grid_from_the_input():
+    vit = timm.create_model(
+        "test_vit", num_classes=0, img_size=32, reg_tokens=2, dynamic_img_size=True
+    )
+    backbone = Backbone("vit", vit.eval(), 64, PretrainedConfig(32), "x", False)
+    x = torch.randn(1, 3, 48, 64)
+    dense = backbone.dense(x)
+    assert vit.num_prefix_tokens == 3 and dense.shape == (1, 64, 3, 4)
+    tokens = vit.forward_features(x)[:, 3:]
+    torch.testing.assert_close(dense.flatten(2).transpose(1, 2), tokens)
+    assert backbone.dense_stride == (16, 16)
+
+
+def test_swin_channels_last_map_is_made_channels_first():
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes=0,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        window_size=4,
+        img_size=32,
+    )
+    backbone = Backbone("swin", swin.eval(), 32, PretrainedConfig(32), "x", False)
+    x = torch.randn(2, 3, 32, 32)
+    dense = backbone.dense(x)
+    assert dense.shape == (2, 32, 4, 4) and backbone.dense_stride == (8, 8)
+    torch.testing.assert_close(dense.mean((2, 3)), backbone.embed(x))
+
+
+def test_open_clip_vit_tower_gives_its_normed_patch_tokens():
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(32, 16, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16)
+    backbone = Backbone("clip", tower.eval(), 16, PretrainedConfig(32), "x", False)
+    x = torch.randn(2, 3, 32, 32)
+    dense = backbone.dense(x)
+    assert dense.shape == (2, 32, 2, 2) and backbone.dense_dim == 32  # width, not output_dim
+    tower.output_tokens = True
+    _, tokens = tower(x)
+    torch.testing.assert_close(dense.flatten(2).transpose(1, 2), tokens)
+
+
+def test_geometry_probe_leaves_a_training_model_untouched():
+    backbone = create_backbone("test_cnn", "none")
+    backbone.model.train()
+    stats = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    assert backbone.dense_dim == 96
+    assert backbone.model.training
+    for key, value in backbone.model.state_dict().items():
+        assert torch.equal(value, stats[key]), key
+
+
+def test_dense_keeps_gradients_when_the_caller_wants_them():
+    backbone = create_backbone("test_vit", "none")
+    backbone.model.requires_grad_(True)
+    out = backbone.dense(batch(backbone))
+    out.sum().backward()
+    assert backbone.model.patch_embed.proj.weight.grad is not None
+
+
+def test_model_without_a_map_is_refused_by_name():
+    flat = nn.Sequential(nn.Flatten(), nn.LazyLinear(8))
+    backbone = Backbone("flatnet", flat, 8, PretrainedConfig(4), "x", False)
+    with pytest.raises(ClinadaptError, match="dense features are not available for flatnet"):
+        backbone.dense(torch.randn(1, 3, 4, 4))
