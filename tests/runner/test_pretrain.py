@@ -200,3 +200,18 @@ def test_a_flat_folder_of_nifti_volumes_pretrains_a_3d_backbone(tmp_path):
     assert record["train_images"] == 6 and record["monitor"] is None
     assert record["data"][0]["provenance"]["source"] == str(scans)
     create_backbone("test_vit3d", str(tmp_path / "run" / "backbone"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_decided_on_the_pooled_images_and_recorded(tmp_path, monkeypatch, native):
+    from clinadapt.engine import precision
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: native)
+    record = run_pretrain(_config(precision="auto", epochs=1), tmp_path, progress=False)
+    check = record["preprocessing"]["precision_check"]
+    assert check["requested"] == "auto" and check["used"] == record["preprocessing"]["precision"]
+    if native:
+        assert check["probe_images"] == 64 and 0 < check["cosine_min"] <= 1
+        assert check["used"] == ("bf16" if check["cosine_min"] >= 0.99 else "fp32")
+    else:
+        assert check["used"] == "fp32" and "not native" in check["reason"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     from clinadapt.backbones import create_backbone, get_spec
     from clinadapt.backbones.weights import file_sha256
     from clinadapt.engine.batches import is_grayscale
-    from clinadapt.engine.precision import resolve_device
+    from clinadapt.engine.precision import decide_precision, resolve_device
     from clinadapt.engine.train import training_precision
     from clinadapt.runner.common import backbone_summary, dataset_summary, make_preprocess
     from clinadapt.runner.records import build_record
@@ -51,10 +52,10 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     grayscale = any(is_grayscale(d["train"].images, d.info.ndim == 3) for d in datasets)
     views = resolve_views(model.views, cfg.view_options, grayscale=grayscale)
     views = _fit_local_views(encoder, views, preprocess, spec.ndim)
-    precision = training_precision(
-        cfg.precision, resolve_device("cpu" if cfg.device == "cpu" else None)
-    )
+    device = resolve_device("cpu" if cfg.device == "cpu" else None)
     images = UnlabelledImages([d["train"].images for d in datasets], preprocess)
+    check = decide_precision(cfg.precision, device, _probe(encoder, images, cfg.batch_size, device))
+    precision = training_precision(check.used, device)
     monitor, monitor_name = _monitor(cfg, datasets, backbone, preprocess, precision)
     freeze = cfg.norm_statistics == "frozen" or (
         cfg.norm_statistics == "auto" and backbone.is_pretrained
@@ -92,7 +93,11 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
         ],
         train_images=len(images),
         backbone=backbone_summary(backbone, cfg.weights, total),
-        preprocessing={**preprocess.describe(), "precision": precision},
+        preprocessing={
+            **preprocess.describe(),
+            "precision": precision,
+            "precision_check": check.to_dict(),
+        },
         method={
             "name": cfg.method,
             "config": to_dict(model.config),
@@ -118,6 +123,25 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
         },
         peak_memory=result.peak_memory_mb,
     )
+
+
+def _probe(
+    encoder: nn.Module, images: Any, batch_size: int, device: torch.device
+) -> Callable[[str], np.ndarray]:
+    """What ``precision=auto`` compares in fp32 and bf16: the encoder's features on the first
+    batch of the pooled training images, preprocessed as for the views."""
+
+    def probe(precision: str) -> np.ndarray:
+        from clinadapt.engine.precision import forward_in
+
+        x = torch.stack([images[i] for i in range(min(len(images), batch_size))])
+        training = encoder.training
+        try:
+            return forward_in(encoder, x, precision, device)
+        finally:
+            encoder.train(training)
+
+    return probe
 
 
 def _load(cfg: PretrainConfig, spec: Any) -> list[Any]:

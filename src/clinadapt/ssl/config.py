@@ -69,7 +69,13 @@ class PretrainConfig:
     input_size: int | None = field(
         default=None, metadata=_help("backbone input size (default: its pretrained size)")
     )
-    precision: str = field(default="auto", metadata=_help("auto (bf16 where native) | fp32 ..."))
+    precision: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (bf16 where native and the encoder's features of the first batch agree with "
+            "fp32) | bf16 | fp32"
+        ),
+    )
     device: str = field(default="auto", metadata=_help("auto | cpu"))
     seed: int = field(default=0, metadata=_help("seed of sampling, views and initialisation"))
     deterministic: bool = field(
