@@ -29,3 +29,25 @@ def test_every_cache_user_expands_tilde(tmp_path, monkeypatch):
     files.md5_file(weights)
     assert len(list((home / "c" / "md5").glob("*.json"))) == 1
     assert list(work.iterdir()) == []
+
+
+def test_caches_write_files_with_the_umask_mode(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import numpy as np
+
+    from clinadapt.engine.cache import FeatureCache
+
+    monkeypatch.setenv("CLINADAPT_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o027)
+    try:
+        FeatureCache(tmp_path / "features").get_or_compute({"a": 1}, lambda: np.ones((2, 3)))
+        weights = tmp_path / "w.bin"
+        weights.write_bytes(b"weights")
+        file_sha256(weights)
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != weights]
+    assert len(written) >= 3  # feature array, its sidecar, the hash memo
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o640}

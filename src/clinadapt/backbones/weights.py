@@ -18,7 +18,7 @@ from torch import nn
 
 from clinadapt.backbones.base import PretrainedConfig
 from clinadapt.errors import ClinadaptError, ConfigError, UnsafeCheckpointError
-from clinadapt.paths import cache_home
+from clinadapt.paths import cache_home, share_like_new_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHTS_FILE = "model.safetensors"
@@ -263,6 +263,7 @@ def file_sha256(file: Path) -> str:
         memo.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=memo.parent, delete=False) as tmp:
             json.dump({**ident, "sha256": sha}, tmp)
+        share_like_new_file(tmp.name)
         os.replace(tmp.name, memo)
     except OSError:
         pass

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt.paths import cache_home
+from clinadapt.paths import cache_home, share_like_new_file
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 1  # bump when the extraction changes in a way the key parts do not capture
@@ -97,6 +97,7 @@ class FeatureCache:
                 tmp.close()
                 os.unlink(tmp.name)
                 raise
+        share_like_new_file(tmp.name)
         os.replace(tmp.name, path)
 
     def get_or_compute(

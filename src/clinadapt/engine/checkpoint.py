@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clinadapt.errors import ClinadaptError, ConfigError
+from clinadapt.paths import share_like_new_file
 
 STATE_FILE = "state.json"
 META_KEYS = ("config_hash", "config", "epoch", "history", "finished", "sampler")
@@ -47,9 +48,7 @@ def save_safetensors(
     """``safetensors``' ``save_file``, but the file gets the mode the umask gives any new file
     (``save_file`` makes it private to its owner, 0600, unlike every other file of a run)."""
     save_file(tensors, path, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    share_like_new_file(path)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
