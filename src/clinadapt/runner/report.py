@@ -32,7 +32,8 @@ def _usable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rec in records:
         if rec.get("failed"):
             continue
-        missing = [k for k in ("config", "dataset", "backbone", "metrics", "run") if k not in rec]
+        needed = ("config", "dataset", "backbone", "metrics", "run", "labels_used", "timings")
+        missing = [k for k in needed if k not in rec]
         if missing:
             log.warning("record %s lacks %s; left out of the report", rec.get("_path"), missing)
             continue
