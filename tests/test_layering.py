@@ -20,6 +20,7 @@ LAYERS = [
     {"errors", "registry", "config", "paths", "_optional"},
     {"data"},
     {"eval"},
+    {"tasks"},
     {"backbones"},
     {"engine"},
     {"adapt"},

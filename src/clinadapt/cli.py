@@ -214,7 +214,12 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from clinadapt.runner.experiment import ExperimentConfig, run_experiment
-    from clinadapt.runner.records import check_writable, is_main_process, write_json_atomic
+    from clinadapt.runner.records import (
+        check_writable,
+        is_main_process,
+        record_task,
+        write_json_atomic,
+    )
 
     cfg = _config_from_args(args, ExperimentConfig)
     _check_method(cfg, args.command)
@@ -240,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"seed={cfg.seed}"
     )
     undefined = test.get("undefined", {})
-    for metric in ("auc", "acc", "balanced_accuracy", "macro_f1", "ece"):
+    for metric in record_task(record).printed_metrics:
         bounds = ci.get(metric)
         extra = f"  95% CI [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
         value = test[metric]

@@ -34,6 +34,7 @@ def test_run_experiment_record_has_everything_reports_need(tmp_path):
         **BASE,
     )
     rec = run_experiment(cfg, progress=False)
+    assert rec["task"] == "classification"
     assert rec["shots"]["support_size"] == 10
     assert rec["shots"]["actual_per_class"]
     assert rec["backbone"]["is_pretrained"] is False

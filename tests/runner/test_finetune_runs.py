@@ -45,6 +45,7 @@ def lora_run(tmp_path_factory):
 
 def test_training_record_states_costs(lora_run):
     rec = json.loads((lora_run / "record.json").read_text())
+    assert rec["task"] == "classification"
     method = rec["method"]
     assert 0 < method["trainable_backbone_parameters"] < rec["backbone"]["parameters"]
     assert 0 < method["trainable_percent_of_backbone"] < 100

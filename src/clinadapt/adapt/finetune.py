@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clinadapt.errors import ClinadaptError
+from clinadapt.tasks import TASKS
 
 if TYPE_CHECKING:  # clinadapt.backbones imports timm: keep `import clinadapt.adapt` light
     from clinadapt.backbones.base import Backbone
@@ -47,7 +48,7 @@ def has_running_stats(module: nn.Module) -> bool:
 
 
 class AdaptedModel(nn.Module):
-    """A backbone with a new linear classification head.
+    """A backbone with a new head, built by its ``task`` (a name in ``clinadapt.tasks.TASKS``).
 
     A method decides what trains: it may insert layers into ``backbone.model`` (LoRA, adapters,
     prompts) and sets ``requires_grad``. The head always trains. ``trainable_state_dict`` is what
@@ -59,12 +60,13 @@ class AdaptedModel(nn.Module):
     ``frozen_norms`` names the running-statistics norm layers that ``train()`` keeps in eval mode.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, task: str = "classification") -> None:
         super().__init__()
         if num_classes < 1:
             raise ClinadaptError(f"num_classes must be at least 1, got {num_classes}")
         self.backbone = backbone
-        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.task = task
+        self.head = TASKS.get(task).head(backbone.feature_dim, num_classes)
         self.base_parameters = sum(p.numel() for p in backbone.parameters())
         self.method_name: str | None = None
         self.frozen_norms: tuple[str, ...] = ()

@@ -97,6 +97,13 @@ def check_labels(labels: np.ndarray, task: TaskType, num_classes: int, where: st
     return labels.astype(np.int64)
 
 
+def class_frequencies(labels: np.ndarray, task: TaskType, num_classes: int) -> np.ndarray:
+    """Examples per class (single-label) or positives per label (multi-label)."""
+    if task.single_label:
+        return np.bincount(labels[:, 0], minlength=num_classes).astype(np.float64)
+    return labels.sum(axis=0).astype(np.float64)
+
+
 def compact_labels(
     labels: np.ndarray, task: TaskType, num_classes: int, n: int, what: str = "labels"
 ) -> np.ndarray:

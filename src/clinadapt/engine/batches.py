@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from clinadapt.data.checks import class_frequencies
 from clinadapt.data.info import TaskType
 from clinadapt.engine.features import slice_indices
 from clinadapt.errors import DataError
@@ -116,13 +117,6 @@ def is_grayscale(images: Any, volume: bool) -> bool:
         return True
     first = np.asarray(images[0])
     return first.ndim == 2 or first.shape[-1] == 1
-
-
-def class_frequencies(labels: np.ndarray, task: TaskType, num_classes: int) -> np.ndarray:
-    """Examples per class (single-label) or positives per label (multi-label)."""
-    if task.single_label:
-        return np.bincount(labels[:, 0], minlength=num_classes).astype(np.float64)
-    return labels.sum(axis=0).astype(np.float64)
 
 
 def balanced_sample_weights(labels: np.ndarray, task: TaskType, num_classes: int) -> np.ndarray:

@@ -38,11 +38,10 @@ from clinadapt.engine.checkpoint import (
 )
 from clinadapt.engine.curves import plot_curves, write_history
 from clinadapt.engine.features import memory_format_for
-from clinadapt.engine.losses import build_criterion, mean_nll, probabilities
 from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
 from clinadapt.engine.train_config import EpochCallback, TrainConfig, TrainResult
 from clinadapt.errors import ClinadaptError, ConfigError
-from clinadapt.eval.metrics import evaluate
+from clinadapt.tasks import Task
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -92,7 +91,8 @@ class Loop:
         train: tuple[Any, np.ndarray],
         val: tuple[Any, np.ndarray] | None,
         *,
-        task: TaskType,
+        task: Task,
+        task_type: TaskType,
         num_classes: int,
         preprocess: Any,
         config: TrainConfig,
@@ -104,7 +104,8 @@ class Loop:
     ) -> None:
         from accelerate.utils import set_seed
 
-        self.acc, self.model, self.task, self.config = accelerator, model, task, config
+        self.acc, self.model, self.config = accelerator, model, config
+        self.task, self.task_type = task, task_type
         self.resolved, self.out_dir = resolved, out_dir
         self.progress = progress and accelerator.is_main_process
         set_seed(config.seed, device_specific=True)
@@ -117,7 +118,7 @@ class Loop:
         images, labels = train
         weights = None
         if config.class_balance == "sampler":
-            weights = balanced_sample_weights(labels, task, num_classes)
+            weights = balanced_sample_weights(labels, task_type, num_classes)
         self.sampler = EpochSampler(len(labels), config.seed, weights)
         collate = Collate(preprocess, volume, config.max_slices)
         n, b = len(labels), config.batch_size
@@ -137,8 +138,8 @@ class Loop:
                 ArraySource(*val), batch_size=b, collate_fn=collate, num_workers=config.num_workers
             )
             self.val_loader = accelerator.prepare(val_loader)
-        self.criterion = build_criterion(
-            task,
+        self.criterion = task.criterion(
+            task_type,
             num_classes,
             labels,
             class_weights=config.class_balance == "weights",
@@ -275,14 +276,14 @@ class Loop:
         self.net.eval()
         probs, index = [], []
         for x, _, idx in self.val_loader:
-            p = probabilities(self.net(self._layout(x)), self.task)
+            p = self.task.scores(self.net(self._layout(x)), self.task_type)
             p, idx = self.acc.gather_for_metrics((p, idx))
             probs.append(p.cpu())
             index.append(idx.cpu())
         order = torch.cat(index).argsort()
         scores = torch.cat(probs)[order].double().numpy()
-        metrics = evaluate(self.val_labels, scores, self.task)
-        metrics["loss"] = mean_nll(self.val_labels, scores, self.task)
+        metrics = self.task.evaluate(self.val_labels, scores, self.task_type)
+        metrics["loss"] = self.task.validation_loss(self.val_labels, scores, self.task_type)
         return metrics
 
     def _select(self, epoch: int, metrics: dict[str, Any]) -> None:

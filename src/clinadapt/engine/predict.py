@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from clinadapt.data.info import TaskType
 from clinadapt.engine.batches import Collate, SliceMean
 from clinadapt.engine.features import memory_format_for
-from clinadapt.engine.losses import probabilities
 from clinadapt.errors import ConfigError
+from clinadapt.tasks import task_for
 
 
 def predict_proba(
@@ -37,7 +37,8 @@ def predict_proba(
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"precision must be bf16, fp16 or fp32 (as trained), got {precision!r}")
-    task = TaskType(task)
+    task_type = TaskType(task)
+    scores = task_for(task_type).scores
     device = next(model.parameters()).device
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     autocast = (
@@ -57,6 +58,6 @@ def predict_proba(
         for start in range(0, n, batch_size):
             x = collate.images(np.asarray(images[np.arange(start, min(start + batch_size, n))]))
             x = x.to(device, memory_format=layout if x.ndim == 4 else torch.contiguous_format)
-            chunks.append(probabilities(net(x), task).double().cpu().numpy())
+            chunks.append(scores(net(x), task_type).double().cpu().numpy())
             bar.update(len(x))
     return np.concatenate(chunks) if chunks else np.empty((0, 0))

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from clinadapt.config import to_dict
-from clinadapt.data.checks import check_labels
 from clinadapt.data.info import TaskType
 from clinadapt.data.transforms import VolumePreprocess
 from clinadapt.engine.augment import resolve_augment
@@ -39,6 +38,7 @@ from clinadapt.engine.predict import predict_proba
 from clinadapt.engine.runtime import accelerator_session, deterministic_kernels
 from clinadapt.engine.train_config import EpochCallback, TrainConfig, TrainResult
 from clinadapt.errors import ConfigError, DataError
+from clinadapt.tasks import Task, task_for
 
 if TYPE_CHECKING:
     from clinadapt.adapt.finetune import AdaptedModel
@@ -72,10 +72,15 @@ def train(
     checkpoint (a different configuration is a ``ConfigError``). ``on_epoch_end(epoch, row)``
     runs after each epoch's checkpoint is written.
     """
-    task = TaskType(task)
+    task_type = TaskType(task)
+    kind = task_for(task_type)
     native = isinstance(preprocess, VolumePreprocess)  # whole volumes, not slices
-    train_split = _checked(train, task, num_classes, "train", volume, native)
-    val_split = _checked(val, task, num_classes, "val", volume, native) if val is not None else None
+    train_split = _checked(train, kind, task_type, num_classes, "train", volume, native)
+    val_split = (
+        _checked(val, kind, task_type, num_classes, "val", volume, native)
+        if val is not None
+        else None
+    )
     device = torch.device("cpu") if config.device == "cpu" else resolve_device()
     probe = _first_batch_probe(model, train_split, preprocess, config, volume, device)
     check = decide_precision(config.precision, device, probe)
@@ -92,7 +97,7 @@ def train(
             **to_dict(config),
             "precision": precision,
             "augment_options": asdict(augment),
-            "task": task.value,
+            "task": task_type.value,
             "num_classes": num_classes,
             "train_size": len(train_split[1]),
             "val_size": 0 if val_split is None else len(val_split[1]),
@@ -106,7 +111,8 @@ def train(
             model,
             train_split,
             val_split,
-            task=task,
+            task=kind,
+            task_type=task_type,
             num_classes=num_classes,
             preprocess=preprocess,
             config=config,
@@ -122,14 +128,15 @@ def train(
 
 def _checked(
     split: tuple[Any, np.ndarray],
-    task: TaskType,
+    task: Task,
+    task_type: TaskType,
     num_classes: int,
     name: str,
     volume: bool,
     native: bool = False,
 ) -> tuple[Any, np.ndarray]:
     images, labels = split
-    labels = check_labels(labels, task, num_classes, f"{name} labels")
+    labels = task.check_targets(labels, task_type, num_classes, f"{name} labels")
     if len(images) != len(labels):
         raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
     if len(labels) == 0:

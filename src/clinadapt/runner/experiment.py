@@ -235,12 +235,13 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
 def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, Any]:
     """Sample the support set, fit the method, evaluate on test once; return the record."""
     from clinadapt.adapt import create_method
-    from clinadapt.eval import bootstrap_ci, evaluate
     from clinadapt.runner.identity import resolved_options, run_id
     from clinadapt.runner.records import build_record
+    from clinadapt.tasks import task_for
 
     run_start = time.perf_counter()
     info = bundle.info
+    task = task_for(info.task)
     train_x, train_y = bundle.features["train"], bundle.labels["train"]
     support, actual_shots = sample_support(cfg, info, train_y)
     method = create_method(cfg.method, cfg.method_options)
@@ -257,11 +258,11 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     test_scores = method.predict_proba(bundle.features["test"])
     predict_s = time.perf_counter() - start
     test_y = bundle.labels["test"]
-    metrics: dict[str, Any] = {"test": evaluate(test_y, test_scores, info.task)}
+    metrics: dict[str, Any] = {"test": task.evaluate(test_y, test_scores, info.task)}
     if val is not None:
-        metrics["val"] = evaluate(val[1], method.predict_proba(val[0]), info.task)
+        metrics["val"] = task.evaluate(val[1], method.predict_proba(val[0]), info.task)
     if cfg.bootstrap > 0:
-        metrics["test_ci95"] = bootstrap_ci(
+        metrics["test_ci95"] = task.bootstrap(
             test_y, test_scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
     uses_val = val is not None and type(method).uses_validation
@@ -269,6 +270,7 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
         "frozen",
         to_dict(cfg),
         run={"id": run_id(cfg), "options": resolved_options(cfg)},
+        task=task.name,
         dataset=dataset_summary(
             info, {k: len(v) for k, v in bundle.labels.items()}, bundle.provenance
         ),

@@ -37,14 +37,15 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine.predict import predict_proba
     from clinadapt.engine.train import train
-    from clinadapt.eval import bootstrap_ci, evaluate
     from clinadapt.runner.identity import resolved_options, run_id
     from clinadapt.runner.records import build_record, is_main_process
+    from clinadapt.tasks import task_for
 
     setup_start = time.perf_counter()
     train_cfg = train_config(cfg)
     dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
     info = dataset.info
+    task = task_for(info.task)
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     preprocess = make_preprocess(backbone, cfg)
     slice_volumes = slices_volumes(info.ndim, preprocess)
@@ -59,7 +60,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     method = create_method(cfg.method, cfg.method_options)
     with torch.random.fork_rng():  # the new head and adapter layers start the same for a seed
         torch.manual_seed(cfg.seed)
-        model = method.apply(AdaptedModel(backbone, info.num_classes))
+        model = method.apply(AdaptedModel(backbone, info.num_classes, task.name))
     setup_s = time.perf_counter() - setup_start
     run_start = time.perf_counter()
     val_images = val_split.images
@@ -98,9 +99,12 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     )
     predict_s = time.perf_counter() - start
     test_y = np.asarray(test_split.labels)
-    metrics: dict[str, Any] = {"test": evaluate(test_y, scores, info.task), "val": result.best_val}
+    metrics: dict[str, Any] = {
+        "test": task.evaluate(test_y, scores, info.task),
+        "val": result.best_val,
+    }
     if cfg.bootstrap > 0:
-        metrics["test_ci95"] = bootstrap_ci(
+        metrics["test_ci95"] = task.bootstrap(
             test_y, scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
     trainable = model.trainable_parameters()
@@ -109,6 +113,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         "finetune",
         to_dict(cfg),
         run={"id": identity, "options": resolved_options(cfg)},
+        task=task.name,
         dataset=dataset_summary(
             info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
         ),

@@ -12,9 +12,12 @@ import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clinadapt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clinadapt.tasks import Task
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 2  # 2: run identity, labels used, setup and run time apart
@@ -26,6 +29,13 @@ def is_main_process() -> bool:
     """False on the non-zero ranks of ``accelerate launch`` / ``torchrun``, which must not write
     the run's files a second time."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def record_task(record: dict[str, Any]) -> Task:
+    """The task a record's run solved; records written before tasks existed are classification."""
+    from clinadapt.tasks import TASKS
+
+    return TASKS.get(record.get("task", "classification"))
 
 
 def package_versions() -> dict[str, str | None]:

@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt.runner.records import read_records
+from clinadapt.runner.records import read_records, record_task
 
 log = logging.getLogger(__name__)
 
-METRICS = ("auc", "acc", "balanced_accuracy")
+METRIC_LABELS = {"auc": "AUC", "acc": "ACC", "balanced_accuracy": "balanced acc."}
+"""Column titles of metrics; any other metric is titled by its name."""
 Z95 = 1.959963984540054
 AXES = ("dataset", "backbone", "weights", "method", "shots")
 """Row columns of their own; any other option that differs between records gets an
@@ -81,6 +82,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         flat = flat_options(rec["run"]["options"])
         cfg = rec["config"]
         key = (
+            record_task(rec).name,
             rec["dataset"]["name"],
             cfg["backbone"],
             cfg["weights"],
@@ -92,8 +94,9 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[key].append(rec)
     rows = []
     for key, recs in groups.items():
-        dataset, backbone, weights, pretrained, method, shots, options = key
+        task, dataset, backbone, weights, pretrained, method, shots, options = key
         row: dict[str, Any] = {
+            "task": task,
             "dataset": dataset,
             "backbone": backbone,
             "weights": weights,
@@ -103,7 +106,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "options": ", ".join(f"{k}={_text(v)}" for k, v in options),
             "seeds": len(recs),
         }
-        for metric in METRICS:
+        for metric in record_task(recs[0]).report_metrics:
             _summarise_metric(row, metric, recs)
         row["verified"] = recs[0]["dataset"]["provenance"].get("verified")
         pre = recs[0]["preprocessing"]
@@ -191,31 +194,28 @@ def _weights_label(row: dict[str, Any]) -> str:
     return name if row["pretrained"] else f"{name} (untrained control)"
 
 
-HEADER = [
-    "dataset",
-    "backbone",
-    "weights",
-    "method",
-    "shots",
-    "options",
-    "seeds",
-    "labelled images",
-    "AUC",
-    "ACC",
-    "balanced acc.",
-    "protocol",
-    "trained params",
-    "run time (s)",
-]
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The report metrics of the rows' tasks, in order (classification's when there are none)."""
+    from clinadapt.tasks import TASKS
+
+    tasks = dict.fromkeys(r["task"] for r in rows) or {"classification": None}
+    return list(dict.fromkeys(m for t in tasks for m in TASKS.get(t).report_metrics))
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    metrics = [METRIC_LABELS.get(m, m) for m in metric_columns(rows)]
+    before = ["dataset", "backbone", "weights", "method", "shots", "options", "seeds"]
+    return [*before, "labelled images", *metrics, "protocol", "trained params", "run time (s)"]
 
 
 def header(rows: list[dict[str, Any]]) -> list[str]:
     """The table's columns; ``options`` only when some rows differ in an option."""
-    return [h for h in HEADER if h != "options" or any(r["options"] for r in rows)]
+    return [h for h in _columns(rows) if h != "options" or any(r["options"] for r in rows)]
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    keep = [h != "options" or any(r["options"] for r in rows) for h in HEADER]
+    keep = [h != "options" or any(r["options"] for r in rows) for h in _columns(rows)]
+    metrics = metric_columns(rows)
     cells = [
         [
             r["dataset"] + ("" if r["verified"] is not False else " (unverified md5)"),
@@ -226,9 +226,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             r["options"] or "-",
             str(r["seeds"]),
             f"{r['labels_used']:g}",
-            _fmt(r, "auc"),
-            _fmt(r, "acc"),
-            _fmt(r, "balanced_accuracy"),
+            *(_fmt(r, m) if m in r else "-" for m in metrics),
             r["protocol"],
             f"{r['fitted_parameters']:,}",
             f"{r['time_s']:.2f}",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clinadapt.data.checks import class_frequencies
 from clinadapt.data.info import TaskType
-from clinadapt.engine.batches import class_frequencies
 
 
 class MultiLabelLoss(nn.Module):
@@ -58,16 +58,3 @@ def build_criterion(
         ratio = np.where(freq > 0, (len(labels) - freq) / np.maximum(freq, 1), 1.0)
         pos_weight = torch.tensor(ratio, dtype=torch.float32)
     return MultiLabelLoss(pos_weight, label_smoothing)
-
-
-def probabilities(logits: torch.Tensor, task: TaskType) -> torch.Tensor:
-    """Softmax over classes, or per-label sigmoid for multi-label tasks."""
-    return logits.float().softmax(dim=1) if task.single_label else logits.float().sigmoid()
-
-
-def mean_nll(labels: np.ndarray, probs: np.ndarray, task: TaskType) -> float:
-    """Unweighted, unsmoothed validation loss from probabilities (comparable across configs)."""
-    p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
-    if task.single_label:
-        return float(-np.log(p[np.arange(len(p)), labels[:, 0]]).mean())
-    return float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
