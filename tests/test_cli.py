@@ -54,6 +54,16 @@ def test_run_with_options_and_overrides(tmp_path, capsys):
     assert "auc" in printed and "labelled images    8 (8 train, 0 validation)" in printed
 
 
+def test_run_prints_the_task_s_metrics(capsys, monkeypatch):
+    from clinadapt.tasks import TASKS
+
+    monkeypatch.setattr(TASKS.get("classification"), "printed_metrics", ("macro_f1", "auc"))
+    options = ["--backbone", "test_cnn", "--weights", "none", "--quiet", "method=knn", "shots=4"]
+    assert main(["run", "--dataset", "synthetic-binary", *options, "bootstrap=0"]) == 0
+    metrics = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert metrics == ["macro_f1", "auc"]
+
+
 def test_run_from_yaml(tmp_path):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(

@@ -60,3 +60,15 @@ def test_an_undefined_metric_is_shown_with_its_reason_never_as_nan():
         summarise([_record(0.8, seed=0), _record(math.nan, "only one class in the labels", 1)])
     )
     assert "0.800" in mixed and "1 of 2 seeds n/a: only one class in the labels" in mixed
+
+
+def test_metric_columns_are_the_record_task_s_report_metrics(monkeypatch):
+    from clinadapt.runner.report import markdown_table, summarise
+    from clinadapt.tasks import TASKS
+
+    record = {**_record(0.75), "task": "classification"}
+    assert "| AUC | ACC | balanced acc. |" in markdown_table(summarise([record]))
+    monkeypatch.setattr(TASKS.get("classification"), "report_metrics", ("acc", "auc"))
+    table = markdown_table(summarise([record]))
+    assert "| ACC | AUC | protocol |" in table and "balanced acc." not in table
+    assert "| 0.500 ± 0.000 | 0.750 ± 0.000 |" in table

@@ -46,8 +46,6 @@ from clinadapt.tasks import Task
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-HISTORY_METRICS = ("loss", "auc", "acc", "balanced_accuracy", "macro_f1", "ece")
-
 
 def keep_frozen_norms_in_eval(model: nn.Module) -> None:
     """Norm layers with running statistics and no trainable parameter belong to the frozen part
@@ -212,7 +210,8 @@ class Loop:
             last = epoch == self.config.epochs
             if self.val_loader is not None and (last or epoch % self.config.eval_every == 0):
                 metrics = self._validate()
-                row.update({f"val_{k}": metrics[k] for k in HISTORY_METRICS})
+                shown = ("loss", *self.task.printed_metrics)
+                row.update({f"val_{k}": metrics[k] for k in shown})
                 self._select(epoch, metrics)
             row["seconds"] = time.perf_counter() - began
             self.history.append(row)

@@ -30,7 +30,7 @@ class Task(ABC):
     report_metrics: ClassVar[tuple[str, ...]]
     """The report's metric columns, in order."""
     printed_metrics: ClassVar[tuple[str, ...]]
-    """What ``clinadapt run`` prints for a finished run."""
+    """What ``clinadapt run`` prints for a finished run, and a training history's columns."""
     select_metrics: ClassVar[tuple[str, ...]]
     """Validation metrics a training run may choose its best epoch by."""
 
