@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from clinadapt.runner.bench import GridConfig, expand, record_path, run_grid
@@ -209,3 +210,30 @@ def test_report_leaves_out_records_that_lack_what_a_row_needs(tmp_path):
     )
     md = build_report(tmp_path)["markdown"].read_text()
     assert md.count("| synthetic-binary |") == 2
+
+
+def test_a_dataset_no_task_handles_fails_before_any_extraction(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import clinadapt.runner.experiment as experiment
+    from clinadapt.errors import UnknownNameError
+
+    folder = tmp_path / "seg"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(
+            folder / "images" / f"{i}.png"
+        )
+        Image.fromarray((rng.random((24, 20)) > 0.5).astype(np.uint8) * 255).save(
+            folder / "masks" / f"{i}.png"
+        )
+
+    def extraction_started(*args, **kwargs):
+        raise AssertionError("features were extracted for a dataset no task handles")
+
+    monkeypatch.setattr(experiment, "make_preprocess", extraction_started)
+    cfg = ExperimentConfig(dataset=str(folder), backbone="test_cnn", weights="none", method="knn")
+    with pytest.raises(UnknownNameError, match="segmentation"):
+        run_experiment(cfg, progress=False)

@@ -147,11 +147,13 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     from clinadapt.engine import FeatureCache, extract_features, extraction_precision
     from clinadapt.runner.identity import bundle_key
     from clinadapt.runner.records import package_versions
+    from clinadapt.tasks import task_for
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
     timings["load_data_s"] = time.perf_counter() - start
+    task_for(dataset.info.task)  # a dataset no task handles fails before any extraction
 
     start = time.perf_counter()
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
