@@ -215,3 +215,35 @@ def test_auto_precision_is_decided_on_the_pooled_images_and_recorded(tmp_path, m
         assert check["used"] == ("bf16" if check["cosine_min"] >= 0.99 else "fp32")
     else:
         assert check["used"] == "fp32" and "not native" in check["reason"]
+
+
+def _segmentation_folder(path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (path / sub).mkdir(parents=True)
+    for i in range(12):
+        size = (24 + i, 20 + i)  # cases of different sizes, as in real segmentation data
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+            path / "images" / f"{i}.png"
+        )
+        mask = (rng.random(size) > 0.5).astype(np.uint8) * 255
+        Image.fromarray(mask).save(path / "masks" / f"{i}.png")
+    return path
+
+
+def test_segmentation_images_pretrain_without_a_class_label_monitor(tmp_path):
+    data = _segmentation_folder(tmp_path / "seg")
+    cfg = _config(data=f"{data},synthetic-binary", epochs=1, batch_size=16)
+    record = run_pretrain(cfg, tmp_path / "run", progress=False)
+    assert record["monitor"] == "synthetic-binary"  # the first pooled dataset with classes
+    alone = _config(data=str(data), epochs=1, batch_size=8)
+    assert run_pretrain(alone, tmp_path / "alone", progress=False)["monitor"] is None
+    with pytest.raises(ConfigError, match="needs class labels"):
+        run_pretrain(
+            _config(data=str(data), monitor=str(data), epochs=1, batch_size=8),
+            tmp_path / "bad",
+            progress=False,
+        )

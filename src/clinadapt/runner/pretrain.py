@@ -287,8 +287,17 @@ def _monitor(
     validation split (queries) from the current encoder, scored like ``knn`` runs."""
     if cfg.monitor == "none":
         return None, None
-    if cfg.monitor == "auto":
-        chosen = next((d for d in datasets if "val" in d.splits and len(d["val"])), None)
+    from clinadapt.data.info import CLASSIFICATION_TASKS
+
+    if cfg.monitor == "auto":  # the first pooled dataset with class labels and a validation split
+        chosen = next(
+            (
+                d
+                for d in datasets
+                if d.info.task in CLASSIFICATION_TASKS and "val" in d.splits and len(d["val"])
+            ),
+            None,
+        )
         if chosen is None:
             return None, None
     else:
@@ -296,6 +305,11 @@ def _monitor(
 
         chosen = next((d for d in datasets if d.info.name == cfg.monitor), None)
         chosen = chosen or load_dataset(cfg.monitor, root=cfg.data_root, size=cfg.size)
+        if chosen.info.task not in CLASSIFICATION_TASKS:
+            raise ConfigError(
+                f"monitor dataset {cfg.monitor!r} is a {chosen.info.task.value} dataset; the "
+                "k-NN monitor needs class labels: choose a classification dataset or monitor=none"
+            )
         if "val" not in chosen.splits:
             raise DataError(f"monitor dataset {cfg.monitor!r} has no validation split")
     from clinadapt.adapt.knn import KNN
