@@ -29,6 +29,7 @@ def test_config_records_what_rebuilds_the_model(tmp_path):
     assert config["method"] == "lora" and config["method_config"]["r"] == 2
     assert config["backbone"] == "test_cnn" and config["weights"] == "none"
     assert config["weights_id"] == "none-seed0" and config["num_classes"] == 4
+    assert config["task"] == "classification"
     assert config["trainable_parameters"] == model.trainable_parameters()
     assert config["base_parameters"] == model.base_parameters
     state = load_file(str(path / "adapter.safetensors"))
@@ -87,3 +88,15 @@ def test_missing_files_and_wrong_method_are_clear(tmp_path):
         load_adapted(path)
     with pytest.raises(ClinadaptError, match="adapted with 'adapter', not with 'lora'"):
         save_adapter(model, create_method("lora"), tmp_path / "other")
+
+
+def test_adapters_saved_before_tasks_load_as_classification(tmp_path):
+    from clinadapt.adapt.checkpoint import load_adapted
+
+    model, _, path = saved(tmp_path, "bitfit")
+    file = path / "adapter_config.json"
+    config = json.loads(file.read_text())
+    del config["task"]
+    file.write_text(json.dumps(config))
+    loaded, _ = load_adapted(path)
+    assert loaded.task == "classification" and loaded.num_classes == model.num_classes

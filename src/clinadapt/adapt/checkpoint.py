@@ -88,6 +88,7 @@ def save_adapter(
         "weights": weights if weights is not None else weights_option(model),
         "weights_id": model.backbone.weights_id,
         "num_classes": model.num_classes,
+        "task": model.task,
         "trainable_parameters": model.trainable_parameters(),
         "base_parameters": model.base_parameters,
         "selected": method.selected(),
@@ -145,7 +146,8 @@ def load_adapted(
             f"{config['weights_id']!r} but weights {weights!r} are {backbone.weights_id!r}; "
             "load the same base weights (weights_override=PATH)"
         )
-    model = method.apply(AdaptedModel(backbone, int(config["num_classes"])))
+    task = str(config.get("task", "classification"))  # adapters saved before tasks existed
+    model = method.apply(AdaptedModel(backbone, int(config["num_classes"]), task))
     file = path / ADAPTER_FILE
     try:
         state = load_file(str(file))

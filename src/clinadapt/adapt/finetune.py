@@ -66,15 +66,12 @@ class AdaptedModel(nn.Module):
             raise ClinadaptError(f"num_classes must be at least 1, got {num_classes}")
         self.backbone = backbone
         self.task = task
+        self.num_classes = num_classes
         self.head = TASKS.get(task).head(backbone.feature_dim, num_classes)
         self.base_parameters = sum(p.numel() for p in backbone.parameters())
         self.method_name: str | None = None
         self.frozen_norms: tuple[str, ...] = ()
         self.refresh_frozen_norms()
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.embed(images))
