@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -174,18 +175,9 @@ def _check_method(cfg: Any, command: str) -> None:
 
         train_config(cfg)  # bad training options fail before any data is read
         return
-    trained = [n for n in METHODS.names() if METHODS.get(n).kind == "finetune"]
-    if cfg.train:
-        given = ", ".join(f"train.{key}" for key in cfg.train)
-        raise ConfigError(
-            f"{given}: training options only apply to gradient-based methods "
-            f"({', '.join(trained)}); {cfg.method!r} fits on frozen features, so drop them"
-        )
-    if cfg.resume:
-        raise ConfigError(
-            f"--resume only applies to trained runs ({', '.join(trained)}); {cfg.method!r} fits "
-            "on frozen features, so drop it"
-        )
+    from clinadapt.runner.experiment import check_frozen_options
+
+    check_frozen_options(cfg)
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -249,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bounds = ci.get(metric)
         extra = f"  95% CI [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
         value = test[metric]
-        text = f"{value:.4f}" if value is not None and value == value else "n/a"
+        text = "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
         if metric in undefined:
             text += f" ({undefined[metric]})"
         print(f"  {metric:18s} {text}{extra}")

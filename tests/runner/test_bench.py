@@ -237,3 +237,17 @@ def test_a_dataset_no_task_handles_fails_before_any_extraction(tmp_path, monkeyp
     cfg = ExperimentConfig(dataset=str(folder), backbone="test_cnn", weights="none", method="knn")
     with pytest.raises(UnknownNameError, match="segmentation"):
         run_experiment(cfg, progress=False)
+
+
+def test_run_experiment_refuses_training_options_for_a_frozen_method(monkeypatch):
+    import clinadapt.runner.experiment as experiment
+    from clinadapt.errors import ConfigError
+
+    def started(*args, **kwargs):
+        raise AssertionError("the run started before it checked its options")
+
+    monkeypatch.setattr(experiment, "prepare_features", started)
+    for options in ({"train": {"epochs": 2}}, {"resume": True}):
+        cfg = ExperimentConfig(dataset="synthetic-binary", method="knn", **options)
+        with pytest.raises(ConfigError, match="frozen features"):
+            run_experiment(cfg, progress=False)

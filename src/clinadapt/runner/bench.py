@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from clinadapt.config import to_dict
 from clinadapt.errors import ClinadaptError, ConfigError
 from clinadapt.runner.common import weights_tag
 from clinadapt.runner.experiment import (
@@ -261,7 +262,8 @@ def run_grid(
     out = Path(out_dir)
     validate_names(grid)
     runs = expand(grid)
-    todo = [cfg for cfg in runs if not is_done(record_path(out, cfg))]
+    paths = [record_path(out, cfg) for cfg in runs]
+    todo = [(cfg, path) for cfg, path in zip(runs, paths, strict=True) if not is_done(path)]
     counts = {
         "total": len(runs),
         "skipped": len(runs) - len(todo),
@@ -271,9 +273,8 @@ def run_grid(
     }
     bundles: dict[str, FeatureBundle | Exception] = {}
     bar = tqdm(todo, desc="bench", unit="run", disable=not progress)
-    for cfg in bar:
+    for cfg, path in bar:
         bar.set_postfix_str(f"{cfg.dataset}/{cfg.backbone}/{cfg.method}/{cfg.shots}/s{cfg.seed}")
-        path = record_path(out, cfg)
         claim = RunClaim(path)
         if not claim.acquire():
             log.warning("run %s is being computed by another bench; left to it", path)
@@ -291,7 +292,7 @@ def run_grid(
                     log.exception("run %s failed unexpectedly", path.relative_to(out))
                 else:
                     log.warning("run %s failed: %s", path.relative_to(out), err)
-                record = failure_record(method_kind(cfg.method), _config(cfg), err)
+                record = failure_record(method_kind(cfg.method), to_dict(cfg), err)
                 counts["failed"] += 1
             write_json_atomic(path, record)
         finally:
@@ -299,12 +300,6 @@ def run_grid(
         if on_record is not None:
             on_record(record)
     return counts
-
-
-def _config(cfg: ExperimentConfig) -> dict[str, Any]:
-    from clinadapt.config import to_dict
-
-    return to_dict(cfg)
 
 
 def _run_one(

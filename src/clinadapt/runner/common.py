@@ -131,7 +131,7 @@ def dataset_summary(
     }
 
 
-RUN_TO_TRAIN = {"precision": "precision", "batch_size": "batch_size", "max_slices": "max_slices"}
+CARRIED_TO_TRAINING = ("precision", "batch_size", "max_slices")
 """Run options that mean the same in training; given in both places they must agree."""
 
 
@@ -141,15 +141,13 @@ def train_config(cfg: Any) -> TrainConfig:
     from clinadapt.engine.train_config import TrainConfig
 
     options = {"seed": cfg.seed, **cfg.train}
-    for run_key, train_key in RUN_TO_TRAIN.items():
-        value = getattr(cfg, run_key)
-        unset = value is None or (run_key == "precision" and value == "auto")
-        if unset:
+    for key in CARRIED_TO_TRAINING:
+        value = getattr(cfg, key)
+        if value is None or (key == "precision" and value == "auto"):
             continue
-        if train_key in cfg.train and cfg.train[train_key] != value:
+        if key in cfg.train and cfg.train[key] != value:
             raise ConfigError(
-                f"{run_key}={value!r} and train.{train_key}={cfg.train[train_key]!r} disagree; "
-                "give one of them"
+                f"{key}={value!r} and train.{key}={cfg.train[key]!r} disagree; give one of them"
             )
-        options[train_key] = value
+        options[key] = value
     return from_dict(TrainConfig, options, where="train options")

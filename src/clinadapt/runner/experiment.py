@@ -237,7 +237,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
 def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, Any]:
     """Sample the support set, fit the method, evaluate on test once; return the record."""
     from clinadapt.adapt import create_method
-    from clinadapt.runner.identity import resolved_options, run_id
+    from clinadapt.runner.identity import run_block
     from clinadapt.runner.records import build_record
     from clinadapt.tasks import task_for
 
@@ -271,7 +271,7 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     return build_record(
         "frozen",
         to_dict(cfg),
-        run={"id": run_id(cfg), "options": resolved_options(cfg)},
+        run=run_block(cfg),
         task=task.name,
         dataset=dataset_summary(
             info, {k: len(v) for k, v in bundle.labels.items()}, bundle.provenance
@@ -306,6 +306,26 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     )
 
 
+def check_frozen_options(cfg: ExperimentConfig) -> None:
+    """Training options and ``resume`` given to a frozen-feature method would be ignored: say so
+    instead."""
+    from clinadapt.adapt import METHODS
+    from clinadapt.errors import ConfigError
+
+    trained = ", ".join(n for n in METHODS.names() if METHODS.get(n).kind == "finetune")
+    if cfg.train:
+        given = ", ".join(f"train.{key}" for key in cfg.train)
+        raise ConfigError(
+            f"{given}: training options only apply to gradient-based methods "
+            f"({trained}); {cfg.method!r} fits on frozen features, so drop them"
+        )
+    if cfg.resume:
+        raise ConfigError(
+            f"--resume only applies to trained runs ({trained}); {cfg.method!r} fits "
+            "on frozen features, so drop it"
+        )
+
+
 def method_kind(name: str) -> str:
     """'frozen' (features only) or 'finetune' (gradient updates)."""
     from clinadapt.adapt import METHODS
@@ -324,4 +344,5 @@ def run_experiment(
         if run_dir is None:
             raise ConfigError(f"method {cfg.method!r} trains a model: pass run_dir")
         return run_finetune(cfg, run_dir, progress=progress)
+    check_frozen_options(cfg)
     return run_on_features(cfg, prepare_features(cfg, progress=progress))

@@ -37,7 +37,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine.predict import predict_proba
     from clinadapt.engine.train import train
-    from clinadapt.runner.identity import resolved_options, run_id
+    from clinadapt.runner.identity import run_block
     from clinadapt.runner.records import build_record, is_main_process
     from clinadapt.tasks import task_for
 
@@ -108,11 +108,11 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
             test_y, scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
     trainable = model.trainable_parameters()
-    identity = run_id(cfg)
+    run = run_block(cfg)
     return build_record(
         "finetune",
         to_dict(cfg),
-        run={"id": identity, "options": resolved_options(cfg)},
+        run=run,
         task=task.name,
         dataset=dataset_summary(
             info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
@@ -147,7 +147,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         history=result.history,
         timings={
             "setup_s": setup_s,
-            "setup_key": identity,
+            "setup_key": run["id"],
             "time_per_epoch_s": result.time_per_epoch_s,
             "train_s": result.total_s,
             "predict_s": predict_s,

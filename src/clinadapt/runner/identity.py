@@ -61,8 +61,14 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
 
 def run_id(cfg: Any) -> str:
     """A short hash of ``resolved_options``: the same command resumes, a changed one runs anew."""
-    canonical = json.dumps(resolved_options(cfg), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+    return run_block(cfg)["id"]
+
+
+def run_block(cfg: Any) -> dict[str, Any]:
+    """The ``run`` block of a record: ``id`` and the ``options`` it hashes."""
+    options = resolved_options(cfg)
+    canonical = json.dumps(options, sort_keys=True, separators=(",", ":"))
+    return {"id": hashlib.sha256(canonical.encode()).hexdigest()[:10], "options": options}
 
 
 def bundle_key(cfg: Any) -> str:

@@ -9,12 +9,13 @@ import os
 import platform
 import resource
 import sys
-import uuid
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clinadapt.errors import ConfigError
+from clinadapt.paths import share_like_new_file
 
 if TYPE_CHECKING:
     from clinadapt.tasks import Task
@@ -133,15 +134,15 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     if not is_main_process():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    # not mkstemp: its files are private (0600); a record gets the mode the umask gives any file
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "x") as handle:
+        with os.fdopen(fd, "w") as handle:
             json.dump(_json_safe(data), handle, indent=2, sort_keys=True)
             handle.write("\n")
+        share_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

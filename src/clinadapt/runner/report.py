@@ -133,10 +133,12 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _summarise_metric(row: dict[str, Any], metric: str, recs: list[dict[str, Any]]) -> None:
     """Mean, sd over seeds, the seed-inclusive interval, and why a metric is undefined."""
-    values, cis = [], []
+    values, cis, reasons = [], [], set()
     for rec in recs:
-        value = rec["metrics"]["test"].get(metric)
+        test = rec["metrics"]["test"]
+        value = test.get(metric)
         if value is None or math.isnan(value):
+            reasons.add(test.get("undefined", {}).get(metric) or "undefined")
             continue
         values.append(value)
         ci = rec["metrics"].get("test_ci95", {}).get(metric)
@@ -146,22 +148,15 @@ def _summarise_metric(row: dict[str, Any], metric: str, recs: list[dict[str, Any
     row[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     row[f"{metric}_ci"] = interval(values, cis) if len(cis) == len(values) else None
     row[f"{metric}_n"] = len(values)
-    reasons = {
-        r["metrics"]["test"].get("undefined", {}).get(metric)
-        for r in recs
-        if r["metrics"]["test"].get(metric) is None
-        or math.isnan(r["metrics"]["test"].get(metric, math.nan))
-    }
-    row[f"{metric}_undefined"] = "; ".join(sorted(x or "undefined" for x in reasons))
+    row[f"{metric}_undefined"] = "; ".join(sorted(reasons))
 
 
 def setup_time(records: list[dict[str, Any]]) -> dict[str, float]:
     """Seconds of shared work (loading, feature extraction), counted once per setup, and of the
     runs' own work; their sum is what the records cost."""
-    setups = {}
-    for rec in _usable(records):
-        setups[rec["timings"]["setup_key"]] = rec["timings"]["setup_s"]
-    runs = sum(r["timings"]["run_s"] for r in _usable(records))
+    usable = _usable(records)
+    setups = {r["timings"]["setup_key"]: r["timings"]["setup_s"] for r in usable}
+    runs = sum(r["timings"]["run_s"] for r in usable)
     return {"setup_s": float(sum(setups.values())), "setups": len(setups), "runs_s": float(runs)}
 
 
