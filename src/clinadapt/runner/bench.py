@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,19 +98,10 @@ def is_done(path: Path) -> bool:
         return False
 
 
-def _option_values(config_cls: type, name: str, value: Any, method: str) -> list[Any]:
-    """The values a grid takes for one method option: a list (or comma-separated text) for an
-    option that holds one value is a grid over them; an option that holds a list is a grid only
-    when given a list of lists."""
-    from clinadapt.registry import did_you_mean
-
-    hints = typing.get_type_hints(config_cls)
-    if name not in hints:
-        raise ConfigError(
-            f"{name!r} is not an option of method {method!r} (its options: {sorted(hints)})."
-            f"{did_you_mean(name, list(hints))}"
-        )
-    hint = hints[name]
+def _option_values(hint: Any, value: Any) -> list[Any]:
+    """The values a grid takes for one method option of type ``hint``: a list (or
+    comma-separated text) for an option that holds one value is a grid over them; an option that
+    holds a list is a grid only when given a list of lists."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     holds_list = typing.get_origin(hint) in (list, tuple) or any(
         typing.get_origin(a) in (list, tuple) for a in args
@@ -125,25 +116,34 @@ def _option_values(config_cls: type, name: str, value: Any, method: str) -> list
     return [value]
 
 
-def _method_option_sets(grid: GridConfig, method: str) -> Iterator[dict[str, Any]]:
+def _method_option_sets(grid: GridConfig, method: str) -> list[dict[str, Any]]:
     """Every combination of the options set for ``method``: shared ones, then its own."""
     from clinadapt.adapt import METHODS
+    from clinadapt.registry import did_you_mean
 
-    config_cls = METHODS.get(method).config_cls
+    hints = typing.get_type_hints(METHODS.get(method).config_cls)
     shared = dict(grid.base.get("method_options") or {})
     for name in shared:
-        hints = typing.get_type_hints(config_cls)
         if name not in hints:
+            having = [
+                m for m in grid.methods if name in typing.get_type_hints(METHODS.get(m).config_cls)
+            ]
+            example = f"method.{having[0] if having else 'NAME'}.{name}=VALUE"
             raise ConfigError(
                 f"method option {name!r} was given for every method, but {method!r} has no "
                 f"such option (its options: {sorted(hints)}); set it for one method, e.g. "
-                f"method.knn.{name}=VALUE"
+                f"{example}"
             )
     options = {**shared, **grid.method_options.get(method, {})}
+    for name in options:
+        if name not in hints:
+            raise ConfigError(
+                f"{name!r} is not an option of method {method!r} (its options: {sorted(hints)})."
+                f"{did_you_mean(name, list(hints))}"
+            )
     names = sorted(options)
-    values = [_option_values(config_cls, n, options[n], method) for n in names]
-    for combo in itertools.product(*values):
-        yield dict(zip(names, combo, strict=True))
+    values = [_option_values(hints[n], options[n]) for n in names]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
 
 
 def expand(grid: GridConfig) -> list[ExperimentConfig]:
@@ -162,6 +162,7 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
             "train.* options apply to gradient-based methods (lora, adapter, vpt, bitfit, full), "
             f"and the grid runs none of them (methods: {grid.methods})"
         )
+    option_sets = {method: _method_option_sets(grid, method) for method in grid.methods}
     runs = []
     for dataset, backbone, weights, method, shots, seed in itertools.product(
         grid.datasets, grid.backbones, grid.weights, grid.methods, grid.shots, range(grid.seeds)
@@ -169,7 +170,7 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
         base = dict(grid.base)
         if method not in trained:
             base.pop("train", None)
-        for method_options in _method_option_sets(grid, method):
+        for method_options in option_sets[method]:
             options = {
                 **base,
                 "dataset": dataset,
