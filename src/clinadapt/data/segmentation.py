@@ -161,7 +161,7 @@ def _pairs(folder: Path, declared: tuple[str, ...] | None) -> _Cases:
             f"{folder / 'masks'}: {len(unmatched)} masks have no image of the same name in "
             f"{folder / 'images'} (e.g. {masks[unmatched[0]].name}); remove them or add the images"
         )
-    pairs = []
+    pairs, shapes = [], []
     for image in images:
         mask = masks.get(_stem(image))
         if mask is None:
@@ -169,14 +169,13 @@ def _pairs(folder: Path, declared: tuple[str, ...] | None) -> _Cases:
                 f"{image} has no mask: expected {folder / 'masks' / _stem(image)}.<png|jpg|...>; "
                 "add it, or remove the image"
             )
-        sf.check_same_size(image, mask)
+        shapes.append(sf.check_same_size(image, mask))
         pairs.append((image, mask))
     top = max(int(sf.decode_mask(pairs[i][1]).max()) for i in _sampled(len(pairs)))
     threshold = top >= sf.THRESHOLD and (declared is None or len(declared) == 2)
     labels = declared or _labels_from_max(top, threshold)
     encoding = "threshold" if threshold else "index"
     channels = infer_channels(images)
-    shapes = [sf.image_size(image) for image in images]
     return _Cases(
         ids=[_stem(image) for image in images],
         files=[[image, mask] for image, mask in pairs],
