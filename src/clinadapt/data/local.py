@@ -20,7 +20,7 @@ from clinadapt.data.dataset import SPLITS, Dataset, Split
 from clinadapt.data.info import DatasetInfo, TaskType
 from clinadapt.data.lazy import IMAGE_SUFFIXES, LazySource, infer_channels, load_image
 from clinadapt.data.lazy import INTENSITY as IMAGE_INTENSITY
-from clinadapt.data.splits import carve_val, check_disjoint_groups, split_indices
+from clinadapt.data.splits import assign_splits
 from clinadapt.data.volumes import INTENSITY as VOLUME_INTENSITY
 from clinadapt.data.volumes import VOLUME_SUFFIXES, is_volume, read_volume
 from clinadapt.errors import DataError
@@ -242,18 +242,7 @@ def _build(
 ) -> Dataset:
     class_names, labels, task = _encode(tokens, multi, where)
     size, channels, ndim, loader, item_shape, dtype = _reader(paths, where, image_size, volume_size)
-    if given is None:
-        idx = split_indices(labels, groups, seed)
-    else:
-        assigned = np.asarray(given)
-        idx = {s: np.flatnonzero(assigned == s) for s in SPLITS}
-        for s in ("train", "test"):
-            if not len(idx[s]):
-                raise DataError(f"{where}: the {s} split is empty")
-        if groups is not None:
-            check_disjoint_groups(idx, groups, where)
-        if not len(idx["val"]):
-            idx["train"], idx["val"] = carve_val(idx["train"], labels, groups, seed)
+    idx = assign_splits(labels, given, groups, seed, where)
     _check_unique(paths, idx, given is not None, source, where)
     info = DatasetInfo(
         name=name.lower(),

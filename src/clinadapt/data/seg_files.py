@@ -33,14 +33,15 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read this image ({err}); replace or remove it") from None
 
 
-def check_same_size(image: Path, mask: Path) -> None:
-    if image_size(image) != image_size(mask):
-        h, w = image_size(image)
-        mh, mw = image_size(mask)
+def check_same_size(image: Path, mask: Path) -> tuple[int, int]:
+    """The image's (height, width), after checking its mask has the same."""
+    (h, w), (mh, mw) = image_size(image), image_size(mask)
+    if (h, w) != (mh, mw):
         raise DataError(
             f"{mask} is {mh}x{mw} but its image {image} is {h}x{w} (height x width); "
             "a mask must have the size of its image: re-export one of them"
         )
+    return h, w
 
 
 def decode_mask(path: Path) -> np.ndarray:

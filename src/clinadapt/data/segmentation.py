@@ -26,7 +26,7 @@ from clinadapt.data.dataset import SPLITS, Dataset, Split
 from clinadapt.data.info import DatasetInfo, TaskType
 from clinadapt.data.lazy import IMAGE_SUFFIXES, CaseSource, decode_image, infer_channels
 from clinadapt.data.lazy import INTENSITY as IMAGE_INTENSITY
-from clinadapt.data.splits import carve_val, check_disjoint_groups, split_indices
+from clinadapt.data.splits import assign_splits
 from clinadapt.data.volumes import INTENSITY as VOLUME_INTENSITY
 from clinadapt.errors import DataError
 
@@ -161,7 +161,7 @@ def _pairs(folder: Path, declared: tuple[str, ...] | None) -> _Cases:
             f"{folder / 'masks'}: {len(unmatched)} masks have no image of the same name in "
             f"{folder / 'images'} (e.g. {masks[unmatched[0]].name}); remove them or add the images"
         )
-    pairs = []
+    pairs, shapes = [], []
     for image in images:
         mask = masks.get(_stem(image))
         if mask is None:
@@ -169,14 +169,13 @@ def _pairs(folder: Path, declared: tuple[str, ...] | None) -> _Cases:
                 f"{image} has no mask: expected {folder / 'masks' / _stem(image)}.<png|jpg|...>; "
                 "add it, or remove the image"
             )
-        sf.check_same_size(image, mask)
+        shapes.append(sf.check_same_size(image, mask))
         pairs.append((image, mask))
     top = max(int(sf.decode_mask(pairs[i][1]).max()) for i in _sampled(len(pairs)))
     threshold = top >= sf.THRESHOLD and (declared is None or len(declared) == 2)
     labels = declared or _labels_from_max(top, threshold)
     encoding = "threshold" if threshold else "index"
     channels = infer_channels(images)
-    shapes = [sf.image_size(image) for image in images]
     return _Cases(
         ids=[_stem(image) for image in images],
         files=[[image, mask] for image, mask in pairs],
@@ -291,18 +290,8 @@ def _assign(ids: list[str], folder: Path, seed: int) -> tuple[dict[str, np.ndarr
     """Split indices and how they were made, from ``cases.csv`` when the folder has one."""
     manifest = folder / MANIFEST
     groups, given = _read_manifest(manifest, ids) if manifest.is_file() else (None, None)
-    placeholder = np.zeros((len(ids), 1), dtype=np.int64)
-    if given is None:
-        idx = split_indices(placeholder, groups, seed)
-    else:
-        idx = {s: np.flatnonzero(given == s) for s in SPLITS}
-        for s in ("train", "test"):
-            if not len(idx[s]):
-                raise DataError(f"{manifest}: the {s} split is empty")
-        if groups is not None:
-            check_disjoint_groups(idx, groups, str(manifest))
-        if not len(idx["val"]):
-            idx["train"], idx["val"] = carve_val(idx["train"], placeholder, groups, seed)
+    unlabelled = np.zeros((len(ids), 1), dtype=np.int64)  # cases are not stratified by class
+    idx = assign_splits(unlabelled, given, groups, seed, str(manifest))
     how = {
         "split_seed": seed,
         "splits_given": given is not None,

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
+from clinadapt.data.dataset import SPLITS
 from clinadapt.errors import DataError
 
 # 70/10/20 as folds of ten: seven train, one val, two test.
@@ -26,6 +27,28 @@ def split_indices(
         "val": np.flatnonzero((folds >= TRAIN_FOLDS) & (folds < TRAIN_FOLDS + VAL_FOLDS)),
         "test": np.flatnonzero(folds >= TRAIN_FOLDS + VAL_FOLDS),
     }
+
+
+def assign_splits(
+    labels: np.ndarray,
+    given: np.ndarray | list[str] | None,
+    groups: np.ndarray | None,
+    seed: int,
+    where: str,
+) -> dict[str, np.ndarray]:
+    """Indices per split: the ``given`` split names (a val split carved from train when none is
+    given), else a seeded 70/10/20 split. Patients never span two splits."""
+    if given is None:
+        return split_indices(labels, groups, seed)
+    idx = {s: np.flatnonzero(np.asarray(given) == s) for s in SPLITS}
+    for s in ("train", "test"):
+        if not len(idx[s]):
+            raise DataError(f"{where}: the {s} split is empty")
+    if groups is not None:
+        check_disjoint_groups(idx, groups, where)
+    if not len(idx["val"]):
+        idx["train"], idx["val"] = carve_val(idx["train"], labels, groups, seed)
+    return idx
 
 
 def carve_val(

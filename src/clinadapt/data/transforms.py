@@ -110,26 +110,8 @@ class Preprocess:
         return ((x - mean) / std).contiguous()
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.input_size
-        h, w = x.shape[-2:]
-        if (h, w) == (s, s):
-            return x
-        if self.resize == "nearest":
-            return F.interpolate(x, size=(s, s), mode="nearest-exact")
-        if self.resize == "bilinear":
-            shrink = h > s or w > s
-            return F.interpolate(
-                x, size=(s, s), mode="bilinear", align_corners=False, antialias=shrink
-            )
-        if h > s or w > s:
-            raise ConfigError(
-                f"resize='pad' cannot fit {h}x{w} images into {s}x{s}; "
-                "use resize='nearest' or resize='bilinear'"
-            )
-        out = x.new_zeros(x.shape[0], x.shape[1], s, s)
-        top, left = (s - h) // 2, (s - w) // 2
-        out[:, :, top : top + h, left : left + w] = x
-        return out
+        mode = "linear" if self.resize == "bilinear" else self.resize
+        return resize(x, (self.input_size,) * 2, mode, "images", RESIZE_MODES)
 
     def describe(self) -> dict[str, Any]:
         """What a run record needs to say how images reached the backbone."""
@@ -192,23 +174,8 @@ class VolumePreprocess:
         return ((x - mean) / std).contiguous()
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.input_size
-        shape = tuple(x.shape[-3:])
-        if shape == (s, s, s):
-            return x
-        if self.resize == "nearest":
-            return F.interpolate(x, size=(s, s, s), mode="nearest-exact")
-        if self.resize == "trilinear":
-            return F.interpolate(x, size=(s, s, s), mode="trilinear", align_corners=False)
-        if max(shape) > s:
-            raise ConfigError(
-                f"resize='pad' cannot fit {'x'.join(map(str, shape))} volumes into {s}^3; "
-                "use resize='nearest' or resize='trilinear'"
-            )
-        out = x.new_zeros(x.shape[0], x.shape[1], s, s, s)
-        d, h, w = ((s - n) // 2 for n in shape)
-        out[:, :, d : d + shape[0], h : h + shape[1], w : w + shape[2]] = x
-        return out
+        mode = "linear" if self.resize == "trilinear" else self.resize
+        return resize(x, (self.input_size,) * 3, mode, "volumes", VOLUME_RESIZE_MODES)
 
     def describe(self) -> dict[str, Any]:
         """What a run record needs to say how volumes reached the backbone."""
@@ -220,6 +187,37 @@ class VolumePreprocess:
             "channels": self.channels,
             "ndim": 3,
         }
+
+
+def resize(
+    x: torch.Tensor, target: tuple[int, ...], mode: str, what: str, modes: tuple[str, ...]
+) -> torch.Tensor:
+    """``x`` (B, C, *spatial) at ``target``, one way for 2D and 3D: ``nearest`` (nearest-exact),
+    ``linear`` (bilinear or trilinear, antialiased when a 2D image shrinks) or ``pad`` (centred
+    on a canvas of zeros). When inputs do not fit the canvas, the error names them as ``what``
+    and suggests the caller's other ``modes``."""
+    shape = tuple(x.shape[2:])
+    if shape == target:
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=target, mode="nearest-exact")
+    shrink = any(n > t for n, t in zip(shape, target, strict=True))
+    if mode == "linear":
+        linear = "bilinear" if len(target) == 2 else "trilinear"
+        antialias = shrink and len(target) == 2
+        return F.interpolate(x, size=target, mode=linear, align_corners=False, antialias=antialias)
+    if shrink:
+        others = " or ".join(f"resize={m!r}" for m in modes if m != "pad")
+        raise ConfigError(
+            f"resize='pad' cannot fit {'x'.join(map(str, shape))} {what} into "
+            f"{'x'.join(map(str, target))}; use {others}, or a larger size"
+        )
+    out = x.new_zeros(*x.shape[:2], *target)
+    region = tuple(
+        slice((t - n) // 2, (t - n) // 2 + n) for n, t in zip(shape, target, strict=True)
+    )
+    out[(slice(None), slice(None), *region)] = x
+    return out
 
 
 def slices_volumes(ndim: int, preprocess: Any) -> bool:
@@ -274,48 +272,27 @@ class PairResize:
         channels_last = image.ndim > mask.ndim
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         x = x.permute(-1, *range(mask.ndim))[None] if channels_last else x[None, None]
-        image_mode = "nearest" if self.mode == "nearest" else self.mode
-        y = self._resize(x, target, image_mode)[0]
+        y = resize(x, target, self.mode, "cases", PAIR_RESIZE_MODES)[0]
         y = y.permute(*range(1, mask.ndim + 1), 0) if channels_last else y[0]
         out = y.numpy()
         if image.dtype == np.uint8:
             out = np.clip(np.round(out), 0, 255).astype(np.uint8)
         m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-        mode = "pad" if self.mode == "pad" else "nearest"
-        return out, self._resize(m, target, mode)[0, 0].numpy().astype(mask.dtype)
+        m = resize(
+            m, target, "pad" if self.mode == "pad" else "nearest", "cases", PAIR_RESIZE_MODES
+        )
+        return out, m[0, 0].numpy().astype(mask.dtype)
 
     def restore(self, mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """A mask at ``size`` back to the case's own ``shape``: cropped (pad) or nearest."""
         mask = np.asarray(mask)
         shape = tuple(int(n) for n in shape)
-        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
         if self.mode == "pad":
             start = [(t - n) // 2 for t, n in zip(mask.shape, shape, strict=True)]
             crop = tuple(slice(a, a + n) for a, n in zip(start, shape, strict=True))
             return mask[crop].copy()
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
         return F.interpolate(m, size=shape, mode="nearest-exact")[0, 0].numpy().astype(mask.dtype)
-
-    def _resize(self, x: torch.Tensor, target: tuple[int, ...], mode: str) -> torch.Tensor:
-        shape = tuple(x.shape[2:])
-        if shape == target:
-            return x
-        if mode == "nearest":
-            return F.interpolate(x, size=target, mode="nearest-exact")
-        if mode == "linear":
-            linear = "bilinear" if len(target) == 2 else "trilinear"
-            shrink = len(target) == 2 and any(n > t for n, t in zip(shape, target, strict=True))
-            return F.interpolate(x, size=target, mode=linear, align_corners=False, antialias=shrink)
-        if any(n > t for n, t in zip(shape, target, strict=True)):
-            raise ConfigError(
-                f"resize='pad' cannot fit a case of shape {shape} into {target}; use "
-                "resize='linear' or resize='nearest', or a larger size"
-            )
-        out = x.new_zeros(*x.shape[:2], *target)
-        region = tuple(
-            slice((t - n) // 2, (t - n) // 2 + n) for n, t in zip(shape, target, strict=True)
-        )
-        out[(slice(None), slice(None), *region)] = x
-        return out
 
     def describe(self) -> dict[str, Any]:
         """What a run record needs to say how cases and masks were brought to one shape."""
