@@ -3,7 +3,6 @@ Gaussian clusters for every task type)."""
 
 import numpy as np
 import pytest
-import torch
 
 from clinadapt.data.info import TaskType
 
@@ -33,12 +32,8 @@ def separable(task: TaskType, n: int, seed: int, dim: int = 16, shift: float = 4
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on shared CPUs: thread contention costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here fits tiny models."""
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """LoRA: targets per architecture, options, and merging through PEFT."""
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -45,17 +44,8 @@ def test_vit_targets_attention_and_mlp_linears_only():
     assert not any("patch_embed" in n for n in model.trainable_names())
 
 
-def test_swin_targets_attention_and_mlp_but_not_patch_merging():
-    swin = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        num_classes=0,
-        embed_dim=16,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        window_size=4,
-        img_size=32,
-    )
-    targets = default_targets(swin)
+def test_swin_targets_attention_and_mlp_but_not_patch_merging(tiny_swin):
+    targets = default_targets(tiny_swin)
     assert {t.rsplit(".", 2)[-2] + "." + t.rsplit(".", 1)[-1] for t in targets} == {
         "attn.qkv",
         "attn.proj",

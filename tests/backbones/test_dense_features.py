@@ -12,18 +12,12 @@ from clinadapt.backbones import BACKBONES, create_backbone, get_spec
 from clinadapt.backbones.base import Backbone, PretrainedConfig
 from clinadapt.errors import ClinadaptError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = [n for n in BACKBONES.names() if get_spec(n).tiny]
 NAMES = [*TINY, "vit_t_28", "resnet18_28", "resnet18_3d"]
 CNNS = [n for n in NAMES if get_spec(n).family == "cnn"]
 VITS = [n for n in NAMES if get_spec(n).family == "vit"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batch(backbone: Backbone, size: int | None = None, n: int = 2) -> torch.Tensor:
@@ -114,17 +108,8 @@ def test_vit_with_registers_and_dynamic_size_reads_the_grid_from_the_input():
     assert backbone.dense_stride == (16, 16)
 
 
-def test_swin_channels_last_map_is_made_channels_first():
-    swin = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        num_classes=0,
-        embed_dim=16,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        window_size=4,
-        img_size=32,
-    )
-    backbone = Backbone("swin", swin.eval(), 32, PretrainedConfig(32), "x", False)
+def test_swin_channels_last_map_is_made_channels_first(tiny_swin):
+    backbone = Backbone("swin", tiny_swin.eval(), 32, PretrainedConfig(32), "x", False)
     x = torch.randn(2, 3, 32, 32)
     dense = backbone.dense(x)
     assert dense.shape == (2, 32, 4, 4) and backbone.dense_stride == (8, 8)

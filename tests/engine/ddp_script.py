@@ -57,6 +57,36 @@ def tiny_data(task: str = "binary", **kwargs) -> Dataset:
     return make_synthetic(task, **options)
 
 
+def run(
+    model,
+    data,
+    tmp_path,
+    task="binary",
+    num_classes=2,
+    val=True,
+    volume=False,
+    preprocess=PREPROCESS,
+    on_epoch_end=None,
+    **options,
+):
+    """A fast single-process ``train`` on ``data``; ``options`` override ``TrainConfig``."""
+    fast = {"batch_size": 16, "precision": "fp32", "device": "cpu", "augment": "none"}
+    config = TrainConfig(**{**fast, "epochs": 2, **options})
+    return train(
+        model,
+        (data["train"].images, data["train"].labels),
+        (data["val"].images, data["val"].labels) if val else None,
+        task=task,
+        num_classes=num_classes,
+        preprocess=preprocess,
+        config=config,
+        out_dir=tmp_path,
+        progress=False,
+        volume=volume,
+        on_epoch_end=on_epoch_end,
+    )
+
+
 def main(out: Path) -> None:
     data = tiny_data()
     model = tiny_model(dropout=0.1)

@@ -10,7 +10,7 @@ import torch
 
 from clinadapt.backbones import create_backbone
 from clinadapt.engine import extract_features, slice_indices
-from clinadapt.engine import features as features_module
+from clinadapt.engine import precision as precision_module
 from clinadapt.errors import ConfigError
 
 rng = np.random.default_rng(0)
@@ -50,9 +50,9 @@ def test_matches_naive_forward_in_fp32(backbone, preprocess, batch_size):
 
 
 def test_cnn_runs_channels_last_with_the_same_features(backbone, preprocess):
-    assert features_module.memory_format_for(backbone) == torch.contiguous_format  # a ViT
+    assert precision_module.memory_format_for(backbone) == torch.contiguous_format  # a ViT
     cnn = create_backbone("test_cnn", weights="none")
-    assert features_module.memory_format_for(cnn) == torch.channels_last
+    assert precision_module.memory_format_for(cnn) == torch.channels_last
     reference = naive(cnn, preprocess, IMAGES)
     out = extract_features(cnn, IMAGES, preprocess, batch_size=16, precision="fp32",
                            progress=False)  # fmt: skip

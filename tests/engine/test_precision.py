@@ -19,11 +19,12 @@ from clinadapt.engine import (
 )
 from clinadapt.engine import precision as precision_module
 from clinadapt.engine.precision import forward_in, row_cosine
-from clinadapt.engine.train import TrainConfig, train
 from clinadapt.errors import ConfigError
 
 from .conftest import tiny_preprocess
-from .ddp_script import PREPROCESS, tiny_data
+from .ddp_script import PREPROCESS, run, tiny_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
 
@@ -56,15 +57,6 @@ def tiny_backbone(name: str, model: nn.Module, dim: int) -> Backbone:
 
 DISAGREES = tiny_backbone("disagrees", pooled(cancelling(48)), 48)
 AGREES = tiny_backbone("agrees", pooled(small_linear(48, 16)), 16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on shared CPUs: thread contention costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -149,6 +141,20 @@ def test_extraction_auto_probes_the_first_batch_and_extracts_in_the_decision(bf1
         extraction_precision(AGREES, IMAGES, tiny_preprocess, precision="half")
 
 
+def test_extraction_auto_embeds_the_first_batch_only_for_the_probe(bf16_native):
+    calls = []
+
+    def counting(batch):
+        calls.append(len(batch))
+        return tiny_preprocess(batch)
+
+    opts = {"batch_size": 8, "progress": False}
+    auto = extract_features(DISAGREES, IMAGES, counting, precision="auto", **opts)
+    assert calls == [8, 8, 8, 4]  # fp32 and bf16 probe, then the batches after the first
+    fp32 = extract_features(DISAGREES, IMAGES, tiny_preprocess, precision="fp32", **opts)
+    np.testing.assert_array_equal(auto, fp32)
+
+
 def test_auto_without_images_is_fp32(bf16_native):
     empty = np.zeros((0, 28, 28), dtype=np.uint8)
     decision = extraction_precision(AGREES, empty, tiny_preprocess)
@@ -200,20 +206,8 @@ class WithBackbone(nn.Module):
         return self.head(self.backbone(x))
 
 
-def train_once(model: nn.Module, tmp_path, precision: str = "auto"):
-    data = tiny_data()
-    config = TrainConfig(epochs=1, batch_size=16, precision=precision, device="cpu", augment="none")
-    return train(
-        model,
-        (data["train"].images, data["train"].labels),
-        None,
-        task="binary",
-        num_classes=2,
-        preprocess=PREPROCESS,
-        config=config,
-        out_dir=tmp_path,
-        progress=False,
-    )
+def train_once(model: nn.Module, tmp_path, precision: str = "auto", **options):
+    return run(model, tiny_data(), tmp_path, val=False, epochs=1, precision=precision, **options)
 
 
 def test_training_auto_checks_the_backbone_features_on_the_first_batch(bf16_native, tmp_path):
@@ -226,6 +220,17 @@ def test_training_auto_checks_the_backbone_features_on_the_first_batch(bf16_nati
     result = train_once(agrees, tmp_path / "b")
     assert result.precision == "bf16" and result.precision_check["used"] == "bf16"
     assert result.precision_check["cosine_min"] >= AUTO_MIN_COSINE
+
+
+def test_training_auto_preprocesses_the_probe_batch_once(bf16_native, tmp_path):
+    calls = []
+
+    def counting(batch):
+        calls.append(len(batch))
+        return PREPROCESS(batch)
+
+    train_once(WithBackbone(pooled(small_linear(48, 16)), 16), tmp_path, preprocess=counting)
+    assert sum(calls) == 16 + 48  # the probe batch, then one epoch of 48 training images
 
 
 def test_training_explicit_precision_is_recorded(no_bf16, tmp_path):

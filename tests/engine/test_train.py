@@ -14,30 +14,12 @@ from clinadapt.config import from_dict
 from clinadapt.data import TaskType
 from clinadapt.engine.batches import balanced_sample_weights
 from clinadapt.engine.schedule import lr_factor
-from clinadapt.engine.train import predict_proba, train
+from clinadapt.engine.train import predict_proba
 from clinadapt.engine.train_config import TrainConfig
 from clinadapt.errors import ConfigError
 from clinadapt.eval import evaluate
 
-from .ddp_script import PREPROCESS, tiny_data, tiny_model
-
-FAST = {"batch_size": 16, "precision": "fp32", "device": "cpu", "augment": "none"}
-
-
-def run(model, data, tmp_path, task="binary", num_classes=2, val=True, volume=False, **options):
-    config = TrainConfig(**{**FAST, "epochs": 2, **options})
-    return train(
-        model,
-        (data["train"].images, data["train"].labels),
-        (data["val"].images, data["val"].labels) if val else None,
-        task=task,
-        num_classes=num_classes,
-        preprocess=PREPROCESS,
-        config=config,
-        out_dir=tmp_path,
-        progress=False,
-        volume=volume,
-    )
+from .ddp_script import PREPROCESS, run, tiny_data, tiny_model
 
 
 def test_adapted_vit_trains_and_writes_outputs(tmp_path):
@@ -79,19 +61,7 @@ def test_best_epoch_weights_are_restored(tmp_path):
     def keep(epoch, row):
         states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    config = TrainConfig(**{**FAST, "epochs": 4, "lr": 0.05, "select_metric": "loss"})
-    result = train(
-        model,
-        (data["train"].images, data["train"].labels),
-        (data["val"].images, data["val"].labels),
-        task="binary",
-        num_classes=2,
-        preprocess=PREPROCESS,
-        config=config,
-        out_dir=tmp_path,
-        progress=False,
-        on_epoch_end=keep,
-    )
+    result = run(model, data, tmp_path, epochs=4, lr=0.05, select_metric="loss", on_epoch_end=keep)
     losses = [r["val_loss"] for r in result.history]
     assert result.best_epoch == int(np.argmin(losses)) + 1
     best = states[result.best_epoch]

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from clinadapt.engine import precision as precision_module
 from clinadapt.runner.experiment import ExperimentConfig, prepare_features, run_experiment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = {
     "dataset": "synthetic-binary",
@@ -16,15 +17,6 @@ BASE = {
     "bootstrap": 0,
     "input_size": 32,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on shared CPUs: thread contention costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def native(monkeypatch, supported: bool) -> None:

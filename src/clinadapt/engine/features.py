@@ -10,13 +10,12 @@ import contextlib
 import functools
 import mmap
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clinadapt.backbones.base import Backbone
 from clinadapt.engine.cache import FeatureCache, array_sha256
 from clinadapt.engine.precision import (
     PrecisionDecision,
@@ -26,6 +25,9 @@ from clinadapt.engine.precision import (
     resolve_device,
 )
 from clinadapt.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # clinadapt.backbones imports timm: keep `import clinadapt.engine` light
+    from clinadapt.backbones.base import Backbone
 
 Precision = Literal["auto", "bf16", "fp32"]
 VolumeMode = Literal["axial", "coronal", "sagittal", "planes"]
@@ -98,11 +100,16 @@ def extract_features(
     if n == 0:
         return out
     volumes, step = _batch_plan(images, batch_size, volume_mode, max_slices, is_volume)
+    done = 0
     if precision == "auto":
         options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": volumes}
-        precision = extraction_precision(
-            backbone, images, preprocess, batch_size=batch_size, device=dev, **options
-        ).used
+        decision, probed = _probe_first_batch(
+            backbone, images, preprocess, "auto", batch_size, dev, None, options
+        )
+        precision = decision.used
+        if precision in probed:  # the probe already embedded the first batch this way
+            done = len(probed[precision])
+            out[:done] = probed[precision]
     layout = memory_format_for(backbone)
     backbone.to(dev, memory_format=layout).eval()
     embed = _Embedder(backbone, preprocess, dev, batch_size, layout)
@@ -111,9 +118,9 @@ def extract_features(
         torch.inference_mode(),
         _flush_denormals(),
         autocast or contextlib.nullcontext(),
-        tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar,
+        tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress) as bar,
     ):
-        for start in range(0, n, step):
+        for start in range(done, n, step):
             index = np.arange(start, min(start + step, n))
             batch = np.asarray(images[index])
             if batch.shape[0] != len(index):
@@ -145,18 +152,37 @@ def extraction_precision(
     embeddings are stored like features, so a cached run repeats the decision without a forward.
     """
     check_precision(precision)
+    options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": is_volume}
     dev = resolve_device(device)
+    return _probe_first_batch(
+        backbone, images, preprocess, precision, batch_size, dev, cache, options
+    )[0]
+
+
+def _probe_first_batch(
+    backbone: Backbone,
+    images: Any,
+    preprocess: Preprocess,
+    precision: str,
+    batch_size: int,
+    device: torch.device,
+    cache: FeatureCache | None,
+    options: dict[str, Any],
+) -> tuple[PrecisionDecision, dict[str, np.ndarray]]:
+    """``extraction_precision``'s decision, and the first batch's embeddings by the precisions
+    the probe ran (none when it did not run), which ``extract_features`` keeps."""
+    probed: dict[str, np.ndarray] = {}
 
     @functools.cache
-    def first_batch() -> tuple[np.ndarray, bool]:
-        volumes, step = _batch_plan(images, batch_size, volume_mode, max_slices, is_volume)
-        return np.asarray(images[np.arange(min(step, len(images)))]), volumes
+    def first_batch() -> tuple[np.ndarray, dict[str, Any]]:
+        volumes, step = _batch_plan(images, batch_size, **options)
+        items = np.asarray(images[np.arange(min(step, len(images)))])
+        return items, {**options, "is_volume": volumes}
 
     def probe(probe_precision: str) -> np.ndarray:
         if len(images) == 0:
             return np.empty((0, backbone.feature_dim), dtype=np.float32)
-        items, volumes = first_batch()
-        options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": volumes}
+        items, settled = first_batch()
 
         def compute() -> np.ndarray:
             return extract_features(
@@ -165,13 +191,14 @@ def extraction_precision(
                 preprocess,
                 batch_size=batch_size,
                 precision=probe_precision,
-                device=dev,
+                device=device,
                 progress=False,
-                **options,
+                **settled,
             )
 
         if cache is None:
-            return compute()
+            probed[probe_precision] = compute()
+            return probed[probe_precision]
         describe = getattr(preprocess, "describe", None)
         parts = {
             "probe_sha256": array_sha256(items),
@@ -181,13 +208,13 @@ def extraction_precision(
             "model_kwargs": backbone.model_kwargs,
             "preprocess": describe() if callable(describe) else repr(preprocess),
             "precision": probe_precision,
-            "device": dev.type,
+            "device": device.type,
             "torch": torch.__version__,
-            **options,
+            **settled,
         }
         return cache.get_or_compute(parts, compute)[0]
 
-    return decide_precision(precision, dev, probe)
+    return decide_precision(precision, device, probe), probed
 
 
 def _batch_plan(
@@ -198,9 +225,10 @@ def _batch_plan(
     is_volume: bool | None,
 ) -> tuple[bool, int]:
     """(volumes?, items per extraction batch): volumes fill a batch with their slices."""
+    if is_volume is False:
+        return False, batch_size
     first = np.asarray(images[np.array([0])])
-    volumes = looks_like_volumes(first) if is_volume is None else is_volume
-    if not volumes:
+    if not (is_volume or looks_like_volumes(first)):
         return False, batch_size
     slices_each = sum(p.shape[1] for p in volume_planes(first, volume_mode, max_slices))
     return True, max(1, batch_size // slices_each)

@@ -37,7 +37,7 @@ from clinadapt.engine.checkpoint import (
     trainable_state,
 )
 from clinadapt.engine.curves import plot_curves, write_history
-from clinadapt.engine.features import memory_format_for
+from clinadapt.engine.precision import memory_format_for
 from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
 from clinadapt.engine.train_config import EpochCallback, TrainConfig, TrainResult
 from clinadapt.errors import ClinadaptError, ConfigError

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from clinadapt.data.info import TaskType
 from clinadapt.engine.batches import Collate, SliceMean
-from clinadapt.engine.features import memory_format_for
+from clinadapt.engine.precision import memory_format_for
 from clinadapt.errors import ConfigError
 from clinadapt.tasks import task_for
 

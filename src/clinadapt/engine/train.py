@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -180,11 +181,14 @@ def _first_batch_probe(
     body = model.backbone if isinstance(getattr(model, "backbone", None), nn.Module) else model
     net = SliceMean(body) if volume else body
 
-    def probe(precision: str) -> np.ndarray:
+    @functools.cache
+    def first_batch() -> torch.Tensor:
         images = split[0]
         first = [np.asarray(images[i]) for i in range(min(len(images), config.batch_size))]
-        x = Collate(preprocess, volume, config.max_slices).images(np.stack(first))
-        return forward_in(net, x, precision, device)
+        return Collate(preprocess, volume, config.max_slices).images(np.stack(first))
+
+    def probe(precision: str) -> np.ndarray:
+        return forward_in(net, first_batch(), precision, device)
 
     return probe
 

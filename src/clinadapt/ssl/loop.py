@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from clinadapt.engine.batches import EpochSampler
 from clinadapt.engine.checkpoint import CheckpointDir, restore_run_state, save_run_state
 from clinadapt.engine.curves import plot_curves, write_history
-from clinadapt.engine.features import memory_format_for
 from clinadapt.engine.loop import device_peak_memory_mb, divergence_error
+from clinadapt.engine.precision import memory_format_for
 from clinadapt.engine.runtime import accelerator_session, deterministic_kernels
 from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
 from clinadapt.errors import DataError
