@@ -13,6 +13,7 @@ from clinadapt.adapt import (  # noqa: F401  (registration on import)
     adapter,
     bitfit,
     full,
+    head,
     knn,
     linear,
     lora,

@@ -89,6 +89,7 @@ def save_adapter(
         "weights_id": model.backbone.weights_id,
         "num_classes": model.num_classes,
         "task": model.task,
+        "head": model.head_kind,
         "trainable_parameters": model.trainable_parameters(),
         "base_parameters": model.base_parameters,
         "selected": method.selected(),
@@ -147,7 +148,8 @@ def load_adapted(
             "load the same base weights (weights_override=PATH)"
         )
     task = str(config.get("task", "classification"))  # adapters saved before tasks existed
-    model = method.apply(AdaptedModel(backbone, int(config["num_classes"]), task))
+    head = config.get("head")  # the task's default head when saved before heads had kinds
+    model = method.apply(AdaptedModel(backbone, int(config["num_classes"]), task, head))
     file = path / ADAPTER_FILE
     try:
         state = load_file(str(file))

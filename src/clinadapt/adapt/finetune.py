@@ -48,7 +48,8 @@ def has_running_stats(module: nn.Module) -> bool:
 
 
 class AdaptedModel(nn.Module):
-    """A backbone with a new head, built by its ``task`` (a name in ``clinadapt.tasks.TASKS``).
+    """A backbone with a new head of kind ``head`` (default: the task's first), built by its
+    ``task`` (a name in ``clinadapt.tasks.TASKS``).
 
     A method decides what trains: it may insert layers into ``backbone.model`` (LoRA, adapters,
     prompts) and sets ``requires_grad``. The head always trains. ``trainable_state_dict`` is what
@@ -60,21 +61,29 @@ class AdaptedModel(nn.Module):
     ``frozen_norms`` names the running-statistics norm layers that ``train()`` keeps in eval mode.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int, task: str = "classification") -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        task: str = "classification",
+        head: str | None = None,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ClinadaptError(f"num_classes must be at least 1, got {num_classes}")
         self.backbone = backbone
         self.task = task
         self.num_classes = num_classes
-        self.head = TASKS.get(task).head(backbone.feature_dim, num_classes)
+        self._task = TASKS.get(task)
+        self.head_kind = head or self._task.head_kinds[0]
+        self.head = self._task.head(backbone, num_classes, self.head_kind)
         self.base_parameters = sum(p.numel() for p in backbone.parameters())
         self.method_name: str | None = None
         self.frozen_norms: tuple[str, ...] = ()
         self.refresh_frozen_norms()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.embed(images))
+        return self._task.forward(self.backbone, self.head, images)
 
     def train(self, mode: bool = True) -> AdaptedModel:
         """Train mode everywhere except the frozen running-statistics norms (see module doc)."""
@@ -190,6 +199,11 @@ def attach_classifier(features: nn.Module, head: nn.Linear) -> nn.Module:
     ``timm.create_model(arch, num_classes=C, **kwargs)`` loads the merged state dict; other models
     (open_clip towers) become ``nn.Sequential(features, head)``.
     """
+    if not isinstance(head, nn.Linear):
+        raise ClinadaptError(
+            f"only a linear classification head merges into the backbone, not a "
+            f"{type(head).__name__}; export without --merge to get the adapter checkpoint"
+        )
     device, dtype = head.weight.device, head.weight.dtype
     if hasattr(features, "reset_classifier") and hasattr(features, "get_classifier"):
         features.reset_classifier(head.out_features)

@@ -303,3 +303,42 @@ class PairResize:
             "image": image.get(self.mode, self.mode),
             "mask": "zero padding" if self.mode == "pad" else "nearest",
         }
+
+
+@dataclass(frozen=True)
+class SegmentationPreprocess:
+    """Segmentation cases to a network batch: ``pair`` brings each image and its mask to one
+    shape (masks nearest, never interpolated), ``normalise`` (a ``Preprocess`` or
+    ``VolumePreprocess`` of the same edge length, so it does not resize again) scales and
+    normalises the images as the backbone expects."""
+
+    pair: PairResize
+    normalise: Preprocess | VolumePreprocess
+
+    @property
+    def ndim(self) -> int:
+        return 3 if isinstance(self.normalise, VolumePreprocess) else 2
+
+    def __call__(
+        self, images: list[np.ndarray], masks: list[np.ndarray] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): x (B, C, *shape) float32, y (B, *shape) int64; without ``masks`` y is zeros
+        (prediction)."""
+        pairs = []
+        for i, image in enumerate(images):
+            image = np.asarray(image)
+            spatial = image.shape[: self.ndim]
+            if image.ndim - self.ndim not in (0, 1):
+                what = "volumes (D, H, W)" if self.ndim == 3 else "images (H, W) or (H, W, C)"
+                raise DataError(
+                    f"this network takes {what}, got a case of shape {image.shape}; 3D cases "
+                    "reach a 2D backbone slice by slice"
+                )
+            mask = np.zeros(spatial, np.uint8) if masks is None else np.asarray(masks[i])
+            pairs.append(self.pair(image, mask))
+        x = self.normalise(np.stack([image for image, _ in pairs]))
+        y = torch.from_numpy(np.stack([mask for _, mask in pairs]).astype(np.int64))
+        return x, y
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.normalise.describe(), **self.pair.describe()}

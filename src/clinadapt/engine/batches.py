@@ -18,8 +18,10 @@ from torch.utils.data import Dataset, Sampler
 
 from clinadapt.data.checks import class_frequencies
 from clinadapt.data.info import TaskType
+from clinadapt.data.transforms import SegmentationPreprocess
 from clinadapt.engine.features import slice_indices
-from clinadapt.errors import DataError
+from clinadapt.errors import ConfigError, DataError
+from clinadapt.tasks import Task
 
 
 class ArraySource(Dataset):
@@ -69,6 +71,34 @@ class Collate:
         slices = images[:, keep].reshape(b * d, *images.shape[2:])
         x = torch.as_tensor(self.preprocess(slices)).float()
         return x.view(b, d, *x.shape[1:]).transpose(1, 2).contiguous()
+
+
+class PairCollate:
+    """Segmentation batches: each image and its mask brought to the network's shape together by
+    a ``SegmentationPreprocess``; (x, y, index) with y the (B, *shape) int64 label maps."""
+
+    def __init__(self, preprocess: SegmentationPreprocess) -> None:
+        self.preprocess = preprocess
+
+    def __call__(
+        self, items: list[tuple[np.ndarray, np.ndarray, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = self.preprocess([item[0] for item in items], [item[1] for item in items])
+        return x, y, torch.tensor([item[2] for item in items])
+
+
+def collate_for(
+    task: Task, preprocess: Callable[..., Any], volume: bool, max_slices: int
+) -> Collate | PairCollate:
+    """The batching of ``task``'s examples: images with label rows, or images with masks."""
+    if not task.dense_targets:
+        return Collate(preprocess, volume, max_slices)
+    if not isinstance(preprocess, SegmentationPreprocess):
+        raise ConfigError(
+            f"{task.name} trains on images and masks brought to one shape together: pass a "
+            f"SegmentationPreprocess, not {type(preprocess).__name__}"
+        )
+    return PairCollate(preprocess)
 
 
 class EpochSampler(Sampler[int]):

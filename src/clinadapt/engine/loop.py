@@ -24,10 +24,10 @@ from clinadapt.data.info import TaskType
 from clinadapt.engine.augment import AugmentConfig, Augmenter
 from clinadapt.engine.batches import (
     ArraySource,
-    Collate,
     EpochSampler,
     SliceMean,
     balanced_sample_weights,
+    collate_for,
 )
 from clinadapt.engine.checkpoint import (
     CheckpointDir,
@@ -118,7 +118,7 @@ class Loop:
         if config.class_balance == "sampler":
             weights = balanced_sample_weights(labels, task_type, num_classes)
         self.sampler = EpochSampler(len(labels), config.seed, weights)
-        collate = Collate(preprocess, volume, config.max_slices)
+        collate = collate_for(task, preprocess, volume, config.max_slices)
         n, b = len(labels), config.batch_size
         loader = DataLoader(
             ArraySource(images, labels),
@@ -240,7 +240,11 @@ class Loop:
         )
         for step, (x, y, _) in enumerate(bar, 1):
             with acc.accumulate(self.net):
-                x = self._layout(self.augment(x))
+                if self.task.dense_targets:
+                    x, y = self.augment(x, y)
+                else:
+                    x = self.augment(x)
+                x = self._layout(x)
                 loss = self.criterion(self.net(x).float(), y)
                 size = torch.tensor(float(len(y)), device=loss.device)
                 stats = acc.gather(torch.stack([loss.detach() * size, size])[None]).double()
@@ -273,17 +277,15 @@ class Loop:
     @torch.no_grad()
     def _validate(self) -> dict[str, Any]:
         self.net.eval()
-        probs, index = [], []
-        for x, _, idx in self.val_loader:
-            p = self.task.scores(self.net(self._layout(x)), self.task_type)
-            p, idx = self.acc.gather_for_metrics((p, idx))
-            probs.append(p.cpu())
+        parts, index = [], []
+        for x, y, idx in self.val_loader:
+            part = self.task.validation_part(self.net(self._layout(x)), y, self.task_type)
+            part, idx = self.acc.gather_for_metrics((part, idx))
+            parts.append(part.cpu())
             index.append(idx.cpu())
         order = torch.cat(index).argsort()
-        scores = torch.cat(probs)[order].double().numpy()
-        metrics = self.task.evaluate(self.val_labels, scores, self.task_type)
-        metrics["loss"] = self.task.validation_loss(self.val_labels, scores, self.task_type)
-        return metrics
+        rows = torch.cat(parts)[order].double().numpy()
+        return self.task.validation_metrics(rows, self.val_labels, self.task_type)
 
     def _select(self, epoch: int, metrics: dict[str, Any]) -> None:
         """Keep the best epoch's state; count evaluations without improvement."""

@@ -27,7 +27,7 @@ from clinadapt.config import to_dict
 from clinadapt.data.info import TaskType
 from clinadapt.data.transforms import VolumePreprocess
 from clinadapt.engine.augment import resolve_augment
-from clinadapt.engine.batches import Collate, SliceMean, is_grayscale
+from clinadapt.engine.batches import ArraySource, SliceMean, collate_for, is_grayscale
 from clinadapt.engine.loop import Loop
 from clinadapt.engine.precision import (
     decide_precision,
@@ -75,7 +75,8 @@ def train(
     """
     task_type = TaskType(task)
     kind = task_for(task_type)
-    native = isinstance(preprocess, VolumePreprocess)  # whole volumes, not slices
+    _check_task_options(kind, config)
+    native = isinstance(getattr(preprocess, "normalise", preprocess), VolumePreprocess)
     train_split = _checked(train, kind, task_type, num_classes, "train", volume, native)
     val_split = (
         _checked(val, kind, task_type, num_classes, "val", volume, native)
@@ -83,7 +84,7 @@ def train(
         else None
     )
     device = torch.device("cpu") if config.device == "cpu" else resolve_device()
-    probe = _first_batch_probe(model, train_split, preprocess, config, volume, device)
+    probe = _first_batch_probe(model, train_split, kind, preprocess, config, volume, device)
     check = decide_precision(config.precision, device, probe)
     precision = training_precision(check.used, device)
     augment = resolve_augment(
@@ -150,6 +151,19 @@ def _checked(
     return images, labels
 
 
+def _check_task_options(task: Task, config: TrainConfig) -> None:
+    if config.select_metric not in task.select_metrics:
+        raise ConfigError(
+            f"select_metric={config.select_metric!r} is not a {task.name} validation metric; "
+            f"choose one of {list(task.select_metrics)}"
+        )
+    if task.dense_targets and config.class_balance == "sampler":
+        raise ConfigError(
+            f"class_balance='sampler' draws images by their class, which {task.name} images do "
+            "not have; use class_balance='none'"
+        )
+
+
 def _trainable_digest(model: nn.Module) -> str:
     """Names and shapes of what trains: another method or model cannot resume this run."""
     trainable = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
@@ -171,6 +185,7 @@ def training_precision(precision: str, device: torch.device) -> str:
 def _first_batch_probe(
     model: nn.Module,
     split: tuple[Any, np.ndarray],
+    task: Task,
     preprocess: Callable[[np.ndarray], Any],
     config: TrainConfig,
     volume: bool,
@@ -183,9 +198,9 @@ def _first_batch_probe(
 
     @functools.cache
     def first_batch() -> torch.Tensor:
-        images = split[0]
-        first = [np.asarray(images[i]) for i in range(min(len(images), config.batch_size))]
-        return Collate(preprocess, volume, config.max_slices).images(np.stack(first))
+        source = ArraySource(*split)
+        items = [source[i] for i in range(min(len(source), config.batch_size))]
+        return collate_for(task, preprocess, volume, config.max_slices)(items)[0]
 
     def probe(precision: str) -> np.ndarray:
         return forward_in(net, first_batch(), precision, device)

@@ -14,8 +14,10 @@ from clinadapt.engine.augment import AUGMENTS
 from clinadapt.engine.schedule import OPTIMIZERS, SCHEDULES
 from clinadapt.errors import ConfigError
 from clinadapt.registry import did_you_mean
+from clinadapt.tasks import TASKS
 
-SELECT_METRICS = ("auc", "acc", "balanced_accuracy", "loss")
+SELECT_METRICS = tuple(dict.fromkeys(m for name in TASKS for m in TASKS.get(name).select_metrics))
+"""What any task can choose its best epoch by; ``train`` checks the run's task offers it."""
 CLASS_BALANCE = ("none", "weights", "sampler")
 TRAIN_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu")
@@ -61,7 +63,8 @@ class TrainConfig:
     select_metric: str = field(
         default="auc",
         metadata=_help(
-            "validation metric choosing the best epoch: auc | acc | balanced_accuracy | loss"
+            "validation metric choosing the best epoch: auc | acc | balanced_accuracy | loss "
+            "(classification), dice | loss (segmentation, the default there)"
         ),
     )
     class_balance: str = field(

@@ -14,6 +14,7 @@ from clinadapt.errors import ConfigError
 
 if TYPE_CHECKING:
     from clinadapt.engine.train_config import TrainConfig
+    from clinadapt.tasks import Task
 
 PROTOCOL_NOTES = {
     "nearest": "MedMNIST v2 protocol: images upsampled to the backbone size by nearest neighbour",
@@ -31,23 +32,66 @@ def weights_tag(weights: str) -> str:
     return f"{name}-{digest}"
 
 
-def make_preprocess(backbone: Any, cfg: Any) -> Any:
+def dataset_task(cfg: Any) -> Task:
+    """The task of ``cfg.dataset``, known without reading the data: a registered dataset's, a
+    segmentation folder layout's, else classification (image folders, manifests)."""
+    from clinadapt.data.registry import DATASETS
+    from clinadapt.data.segmentation import segmentation_layout
+    from clinadapt.tasks import TASKS, task_for
+
+    if cfg.dataset in DATASETS:
+        return task_for(DATASETS.get(cfg.dataset).task)
+    folder = Path(cfg.dataset).expanduser()
+    if folder.is_dir() and segmentation_layout(folder) is not None:
+        return TASKS.get("segmentation")
+    return TASKS.get("classification")
+
+
+def resize_mode(cfg: Any, task: Task) -> str:
+    """``cfg.resize`` with ``auto`` made the task's default."""
+    return task.default_resize if cfg.resize == "auto" else cfg.resize
+
+
+def head_kind(cfg: Any, task: Task) -> str:
+    """``cfg.head`` with ``auto`` made the task's default, checked against the task's heads."""
+    if cfg.head == "auto":
+        return task.head_kinds[0]
+    if cfg.head not in task.head_kinds:
+        raise ConfigError(
+            f"head={cfg.head!r}: {task.name} heads are {list(task.head_kinds)} (or auto)"
+        )
+    return cfg.head
+
+
+def make_preprocess(backbone: Any, cfg: Any, task: Task | None = None) -> Any:
     """2D preprocessing, or the volume version for volume-native backbones; ``cfg`` needs
-    ``backbone``, ``input_size`` and ``resize``."""
+    ``backbone``, ``input_size`` and ``resize``. Segmentation brings image and mask to the
+    network's shape together (``SegmentationPreprocess``)."""
     from clinadapt.backbones import get_spec
     from clinadapt.data import Preprocess
-    from clinadapt.data.transforms import VolumePreprocess
+    from clinadapt.data.transforms import PairResize, SegmentationPreprocess, VolumePreprocess
 
+    task = task or dataset_task(cfg)
+    resize = resize_mode(cfg, task)
     pcfg = backbone.pretrained_cfg
     size = cfg.input_size or pcfg.input_size
-    if getattr(get_spec(cfg.backbone), "ndim", 2) == 3:
-        resize = "trilinear" if cfg.resize == "bilinear" else cfg.resize
-        return VolumePreprocess(
-            input_size=size, mean=pcfg.mean, std=pcfg.std, resize=resize, channels=pcfg.channels
+    volume = getattr(get_spec(cfg.backbone), "ndim", 2) == 3
+    if volume:
+        normalise: Any = VolumePreprocess(
+            input_size=size,
+            mean=pcfg.mean,
+            std=pcfg.std,
+            resize="trilinear" if resize == "bilinear" else resize,
+            channels=pcfg.channels,
         )
-    return Preprocess(
-        input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=cfg.resize
-    )
+    else:
+        normalise = Preprocess(
+            input_size=size, mean=tuple(pcfg.mean), std=tuple(pcfg.std), resize=resize
+        )
+    if not task.dense_targets:
+        return normalise
+    pair = PairResize(size, "linear" if resize in ("bilinear", "trilinear") else resize)
+    return SegmentationPreprocess(pair, normalise)
 
 
 def protocol(preprocess: Any, source_size: int, resize: str) -> dict[str, Any]:
@@ -135,12 +179,14 @@ CARRIED_TO_TRAINING = ("precision", "batch_size", "max_slices")
 """Run options that mean the same in training; given in both places they must agree."""
 
 
-def train_config(cfg: Any) -> TrainConfig:
+def train_config(cfg: Any, task: Task | None = None) -> TrainConfig:
     """The training options of a run: ``train.*`` plus the run options that carry over
-    (precision, batch size, slices per volume), the run's seed by default."""
+    (precision, batch size, slices per volume), the run's seed and the task's defaults (e.g.
+    segmentation selects its epoch by Dice) unless given."""
     from clinadapt.engine.train_config import TrainConfig
 
-    options = {"seed": cfg.seed, **cfg.train}
+    task = task or dataset_task(cfg)
+    options = {"seed": cfg.seed, **task.train_defaults, **cfg.train}
     for key in CARRIED_TO_TRAINING:
         value = getattr(cfg, key)
         if value is None or (key == "precision" and value == "auto"):

@@ -65,7 +65,18 @@ class ExperimentConfig:
         "auto (as many as shots; all when shots=all), a number, or all",
     )
     seed: int = _opt(0, "run", "seed of the few-shot sample, training and bootstrap")
-    resize: str = _opt("nearest", "features", "nearest, bilinear or pad")
+    resize: str = _opt(
+        "auto",
+        "features",
+        "nearest, bilinear or pad; auto: nearest for classification (the MedMNIST protocol), "
+        "bilinear for segmentation (masks are always resized nearest)",
+    )
+    head: str = _opt(
+        "auto",
+        "run",
+        "the new output layer: auto, linear, or decoder (segmentation: a light upsampling "
+        "decoder, the default there; linear is a 1x1 convolution)",
+    )
     input_size: int | None = _opt(
         None, "features", "backbone input size (default: its pretrained size)"
     )
@@ -337,12 +348,25 @@ def run_experiment(
     cfg: ExperimentConfig, *, run_dir: Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """One run; gradient-based methods need ``run_dir`` for checkpoints and the adapter."""
+    from clinadapt.errors import ConfigError
+    from clinadapt.runner.common import dataset_task
+
+    dense = dataset_task(cfg).dense_targets
     if method_kind(cfg.method) == "finetune":
-        from clinadapt.errors import ConfigError
         from clinadapt.runner.finetune import run_finetune
+        from clinadapt.runner.segmentation import run_segmentation
 
         if run_dir is None:
             raise ConfigError(f"method {cfg.method!r} trains a model: pass run_dir")
-        return run_finetune(cfg, run_dir, progress=progress)
+        run = run_segmentation if dense else run_finetune
+        return run(cfg, run_dir, progress=progress)
+    if dense:
+        from clinadapt.adapt import METHODS
+
+        trained = ", ".join(n for n in METHODS.names() if METHODS.get(n).kind == "finetune")
+        raise ConfigError(
+            f"{cfg.method!r} fits on pooled features, which hold no map to segment "
+            f"{cfg.dataset}; use a trained head: head (frozen backbone), or one of {trained}"
+        )
     check_frozen_options(cfg)
     return run_on_features(cfg, prepare_features(cfg, progress=progress))

@@ -37,12 +37,21 @@ def _location(value: str) -> str:
 
 def resolved_options(cfg: Any) -> dict[str, Any]:
     """Everything that decides a run's result: the config with the method's and (for trained
-    runs) the training options filled in with their defaults, paths made absolute."""
+    runs) the training options filled in with their defaults, ``auto`` options made the
+    dataset's task's choice, paths made absolute."""
     from clinadapt.adapt import METHODS
     from clinadapt.config import from_dict, to_dict
+    from clinadapt.runner.common import dataset_task, head_kind, resize_mode
 
     method = METHODS.get(cfg.method)
+    task = dataset_task(cfg)
     options = {name: getattr(cfg, name) for name in scope_fields(type(cfg), "features", "run")}
+    options["resize"] = resize_mode(cfg, task)
+    if len(task.head_kinds) > 1:
+        options["head"] = head_kind(cfg, task)
+    else:  # one kind of head: nothing to choose, nothing that tells runs apart
+        head_kind(cfg, task)
+        options.pop("head")
     options["dataset"] = _location(cfg.dataset)
     options["weights"] = _location(cfg.weights)
     options["shots"] = str(cfg.shots_value())
@@ -53,7 +62,7 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
     if method.kind == "finetune":
         from clinadapt.runner.common import train_config
 
-        options["train"] = to_dict(train_config(cfg))
+        options["train"] = to_dict(train_config(cfg, task))
     else:
         options.pop("train")
     return json.loads(json.dumps(options, default=str))

@@ -21,6 +21,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any, Any]:
     from clinadapt.config import from_dict
     from clinadapt.runner.common import make_preprocess
     from clinadapt.runner.experiment import ExperimentConfig
+    from clinadapt.tasks import TASKS
 
     run_dir = Path(run_dir)
     record_file = run_dir / "record.json"
@@ -32,7 +33,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any, Any]:
     record = json.loads(record_file.read_text())
     cfg = from_dict(ExperimentConfig, record["config"], where=str(record_file))
     model, method = load_adapted(run_dir / "adapter", trust_pickle=cfg.trust_pickle)
-    return record, model.eval(), method, make_preprocess(model.backbone, cfg)
+    task = TASKS.get(record.get("task", "classification"))
+    return record, model.eval(), method, make_preprocess(model.backbone, cfg, task)
 
 
 def iter_inputs(

@@ -33,13 +33,14 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     from clinadapt.ssl import SSL_METHODS, create_pretrain_model
     from clinadapt.ssl.loop import UnlabelledImages, pretrain, resolved_config
     from clinadapt.ssl.views import ViewGenerator, resolve_views
+    from clinadapt.tasks import TASKS
 
     start = time.perf_counter()
     SSL_METHODS.get(cfg.method)  # an unknown method fails before any data is read
     spec = get_spec(cfg.backbone)
     datasets = _load(cfg, spec)
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
-    preprocess = make_preprocess(backbone, cfg)
+    preprocess = make_preprocess(backbone, cfg, TASKS.get("classification"))  # images only
     encoder = backbone.model.train().requires_grad_(True)
     lora_targets: list[str] = []
     with torch.random.fork_rng():  # LoRA factors, heads and decoders start the same for a seed

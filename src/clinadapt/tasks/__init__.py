@@ -6,5 +6,6 @@ instead of assuming classification, so a new task (segmentation) is one more reg
 
 from clinadapt.tasks.base import TASKS, Task, task_for
 from clinadapt.tasks.classification import ClassificationTask
+from clinadapt.tasks.segmentation import SegmentationTask
 
-__all__ = ["TASKS", "ClassificationTask", "Task", "task_for"]
+__all__ = ["TASKS", "ClassificationTask", "SegmentationTask", "Task", "task_for"]

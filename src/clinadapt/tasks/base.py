@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from clinadapt.data.info import CLASSIFICATION_TASKS, TaskType
-from clinadapt.errors import ConfigError, UnknownNameError
+from clinadapt.errors import ConfigError
 from clinadapt.registry import Registry
+
+if TYPE_CHECKING:
+    from clinadapt.backbones.base import Backbone
 
 TASKS: Registry[Task] = Registry("task", listing="clinadapt datasets")
 """Task instances by name; ``clinadapt datasets`` shows the task type of each dataset."""
@@ -40,9 +43,35 @@ class Task(ABC):
     ) -> np.ndarray:
         """``labels`` in the stored format, or a ``DataError`` naming ``where``."""
 
+    dense_targets: ClassVar[bool] = False
+    """Targets are maps aligned with the image (geometric augmentation transforms them too)."""
+    default_resize: ClassVar[str]
+    """How inputs reach the network size when a run says ``resize=auto``."""
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    """Training options this task sets unless the run gives them (e.g. the selection metric)."""
+    head_kinds: ClassVar[tuple[str, ...]]
+    """The output layers ``head`` builds; the first is the default."""
+
     @abstractmethod
-    def head(self, in_features: int, num_classes: int) -> nn.Module:
-        """A new, trainable output layer on top of ``in_features`` backbone features."""
+    def head(self, backbone: Backbone, num_classes: int, kind: str) -> nn.Module:
+        """A new, trainable output layer of ``kind`` on top of ``backbone``'s features."""
+
+    @abstractmethod
+    def forward(self, backbone: Backbone, head: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The logits of ``head`` on ``backbone``'s features of a preprocessed batch."""
+
+    @abstractmethod
+    def validation_part(
+        self, logits: torch.Tensor, targets: torch.Tensor, task_type: TaskType
+    ) -> torch.Tensor:
+        """What validation keeps of one batch: one row per example, gathered across processes."""
+
+    @abstractmethod
+    def validation_metrics(
+        self, parts: np.ndarray, labels: Any, task_type: TaskType
+    ) -> dict[str, Any]:
+        """Validation metrics, ``loss`` included, from the rows of every validation example in
+        order; ``labels`` are the split's checked targets."""
 
     @abstractmethod
     def criterion(
@@ -59,10 +88,6 @@ class Task(ABC):
     @abstractmethod
     def scores(self, logits: torch.Tensor, task_type: TaskType) -> torch.Tensor:
         """What the metrics score, from the model's logits."""
-
-    @abstractmethod
-    def validation_loss(self, labels: np.ndarray, scores: np.ndarray, task_type: TaskType) -> float:
-        """An unweighted loss on validation scores, comparable across training configurations."""
 
     @abstractmethod
     def evaluate(
@@ -89,9 +114,4 @@ def task_for(task_type: TaskType | str) -> Task:
     except ValueError:
         choices = ", ".join(t.value for t in TaskType)
         raise ConfigError(f"unknown task type {task_type!r}; choose one of {choices}") from None
-    name = "classification" if task_type in CLASSIFICATION_TASKS else task_type.value
-    if name not in TASKS:
-        raise UnknownNameError(
-            f"no task handles {task_type.value!r} datasets yet; the tasks are {TASKS.names()}"
-        )
-    return TASKS.get(name)
+    return TASKS.get("classification" if task_type in CLASSIFICATION_TASKS else task_type.value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -10,9 +10,13 @@ from torch import nn
 
 from clinadapt.data.checks import check_labels
 from clinadapt.data.info import TaskType
+from clinadapt.errors import ConfigError
 from clinadapt.eval.metrics import bootstrap_ci, evaluate
 from clinadapt.tasks.base import TASKS, Task
 from clinadapt.tasks.classification_losses import build_criterion
+
+if TYPE_CHECKING:
+    from clinadapt.backbones.base import Backbone
 
 
 class ClassificationTask(Task):
@@ -28,14 +32,33 @@ class ClassificationTask(Task):
         "ece",
     )
     select_metrics: ClassVar[tuple[str, ...]] = ("auc", "acc", "balanced_accuracy", "loss")
+    default_resize: ClassVar[str] = "nearest"
+    head_kinds: ClassVar[tuple[str, ...]] = ("linear",)
 
     def check_targets(
         self, labels: np.ndarray, task_type: TaskType, num_classes: int, where: str
     ) -> np.ndarray:
         return check_labels(labels, task_type, num_classes, where)
 
-    def head(self, in_features: int, num_classes: int) -> nn.Module:
-        return nn.Linear(in_features, num_classes)
+    def head(self, backbone: Backbone, num_classes: int, kind: str) -> nn.Module:
+        if kind != "linear":
+            raise ConfigError(f"head={kind!r}: classification has a linear head only")
+        return nn.Linear(backbone.feature_dim, num_classes)
+
+    def forward(self, backbone: Backbone, head: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return head(backbone.embed(images))
+
+    def validation_part(
+        self, logits: torch.Tensor, targets: torch.Tensor, task_type: TaskType
+    ) -> torch.Tensor:
+        return self.scores(logits, task_type)
+
+    def validation_metrics(
+        self, parts: np.ndarray, labels: Any, task_type: TaskType
+    ) -> dict[str, Any]:
+        metrics = self.evaluate(labels, parts, task_type)
+        metrics["loss"] = self.validation_loss(labels, parts, task_type)
+        return metrics
 
     def criterion(
         self,
