@@ -117,12 +117,17 @@ def _no_match(kind: str, pattern: str, names: list[str]) -> UnknownNameError:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         from clinadapt.data import DATASETS
+        from clinadapt.data.info import TaskType
 
         if not DATASETS.names(args.pattern):
             raise _no_match("dataset", args.pattern, DATASETS.names())
         for name in DATASETS.names(args.pattern):
             info = DATASETS.get(name)
             kind = "3D" if info.ndim == 3 else "2D"
+            if info.task is TaskType.SEGMENTATION:
+                labels = ", ".join(info.labels[1:])
+                print(f"{name:22s} {kind} segmentation {labels}  {_located(name, args.data_root)}")
+                continue
             splits = "/".join(str(info.splits.get(s, "?")) for s in ("train", "val", "test"))
             print(
                 f"{name:22s} {kind} {info.task.value:12s} {info.num_classes:3d} classes  "
@@ -158,6 +163,17 @@ def cmd_list(args: argparse.Namespace) -> int:
                 )
                 print(f"{name:12s} {cls.description}\n{'':12s} options: {options}")
     return 0
+
+
+def _located(name: str, data_root: str | None) -> str:
+    """Where a registered folder dataset was found, or where it was looked for."""
+    from clinadapt.data.registry import find_folder, resolve_root
+
+    root = resolve_root(data_root)
+    try:
+        return f"found: {find_folder(name, root)}"
+    except ClinadaptError:
+        return f"not found in or beside {root}: give --data-root"
 
 
 def _check_method(cfg: Any, command: str) -> None:
@@ -244,6 +260,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         text = "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
         if metric in undefined:
             text += f" ({undefined[metric]})"
+        missing = test.get("n_undefined", {}).get(metric)
+        if missing:
+            text += f" ({missing} of {test['n_cases']} cases undefined: empty truth or prediction)"
         print(f"  {metric:18s} {text}{extra}")
     used = record["labels_used"]
     print(f"  labelled images    {used['total']} ({used['train']} train, {used['val']} validation)")
@@ -410,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=f"list registered {what}")
         p.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'dino*'")
+        if name == "datasets":
+            p.add_argument(
+                "--data-root",
+                default=None,
+                help="where to look for folder datasets (default: $CLINADAPT_DATA)",
+            )
         p.set_defaults(func=cmd_list)
 
     for name, out_help, help_text in (

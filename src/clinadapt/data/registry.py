@@ -135,7 +135,7 @@ def load_dataset(
             )
         if info.task is TaskType.SEGMENTATION:
             return load_segmentation(
-                _find_folder(info.name, resolve_root(root)), info=info, seed=seed
+                find_folder(info.name, resolve_root(root)), info=info, seed=seed
             )
         return load_medmnist(info, resolve_root(root), size, download=download)
     path = Path(name).expanduser()
@@ -159,7 +159,7 @@ def load_dataset(
     )
 
 
-def _find_folder(name: str, root: Path) -> Path:
+def find_folder(name: str, root: Path) -> Path:
     """``root/name``, or beside ``root`` when root is the MedMNIST folder of a data folder
     (``data/medmnist`` next to ``data/kvasir_seg``), so one CLINADAPT_DATA finds both."""
     for folder in (root / name, root.parent / name):

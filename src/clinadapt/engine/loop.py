@@ -211,7 +211,7 @@ class Loop:
             if self.val_loader is not None and (last or epoch % self.config.eval_every == 0):
                 metrics = self._validate()
                 shown = ("loss", *self.task.printed_metrics)
-                row.update({f"val_{k}": metrics[k] for k in shown})
+                row.update({f"val_{k}": metrics[k] for k in shown if k in metrics})
                 self._select(epoch, metrics)
             row["seconds"] = time.perf_counter() - began
             self.history.append(row)

@@ -33,7 +33,8 @@ class Task(ABC):
     report_metrics: ClassVar[tuple[str, ...]]
     """The report's metric columns, in order."""
     printed_metrics: ClassVar[tuple[str, ...]]
-    """What ``clinadapt run`` prints for a finished run, and a training history's columns."""
+    """What ``clinadapt run`` prints for a finished run, and a training history's validation
+    columns (those that validation computes)."""
     select_metrics: ClassVar[tuple[str, ...]]
     """Validation metrics a training run may choose its best epoch by."""
 

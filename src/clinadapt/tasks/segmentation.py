@@ -68,7 +68,7 @@ class SegmentationTask(Task):
 
     name: ClassVar[str] = "segmentation"
     report_metrics: ClassVar[tuple[str, ...]] = ("dice", "hd95", "nsd")
-    printed_metrics: ClassVar[tuple[str, ...]] = ("dice",)
+    printed_metrics: ClassVar[tuple[str, ...]] = SUMMARY_METRICS
     select_metrics: ClassVar[tuple[str, ...]] = ("dice", "loss")
     dense_targets: ClassVar[bool] = True
     default_resize: ClassVar[str] = "bilinear"
