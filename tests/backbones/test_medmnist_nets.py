@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clinadapt.backbones import BACKBONES, create_backbone, get_spec, pretrained_config
-from clinadapt.backbones.medmnist_nets import BasicBlock, ResNet, create_model, input_config
+from clinadapt.backbones.medmnist_nets import MODELS, BasicBlock, ResNet, create_model, input_config
 from clinadapt.errors import ClinadaptError, ConfigError, DataError, UnknownNameError
 
 OURS = [n for n in BACKBONES if BACKBONES.get(n).library == "clinadapt"]
-RESNETS = [n for n in OURS if BACKBONES.get(n).family == "cnn"]  # the ViTs: test_vit3d.py
+RESNETS = [n for n in OURS if MODELS[n].arch == "resnet"]  # others: test_vit3d.py, test_unet.py
 TINY = {"layers": [1, 1, 1, 1], "widths": (4, 8, 8, 16)}
 
 

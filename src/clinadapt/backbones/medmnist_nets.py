@@ -33,6 +33,9 @@ ResNets at MedMNIST's sizes: ``vit_t_28`` (timm's ``VisionTransformer``, 4 px pa
 images, 49 tokens) and the volume-native ``vit3d_t_28`` (``vit3d.VisionTransformer3d``, 7^3
 patches on 28^3 volumes, 64 tokens), both 192 wide, 6 blocks, 3 heads (ViT-Ti width, half
 depth).
+
+``MODELS`` also names MONAI's U-Net (``unet.py``), the from-scratch segmentation baseline:
+``unet`` (2D, 224 px) and ``unet3d`` (64^3 volumes, one level fewer to suit a CPU).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clinadapt.backbones.unet import UNet
 from clinadapt.backbones.vit3d import VisionTransformer3d
 from clinadapt.errors import ConfigError, DataError, UnknownNameError
 from clinadapt.registry import did_you_mean
@@ -317,6 +321,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet": _resnet,
     "vit": _vit,
     "vit3d": VisionTransformer3d,
+    "unet": UNet,
 }
 
 
@@ -353,6 +358,20 @@ MODELS: dict[str, ModelDefaults] = {
     "vit3d_t_28": ModelDefaults(_vit_args(28, 7, 1), 28, 0.0, 1.0, arch="vit3d", ndim=3),
     "test_vit3d": ModelDefaults(
         _vit_args(16, 4, 1, width=32, depth=2, heads=2), 16, 0.0, 1.0, arch="vit3d", ndim=3
+    ),
+    "unet": ModelDefaults({"spatial_dims": 2, "in_channels": 3}, 224, 0.5, 0.5, arch="unet"),
+    "unet3d": ModelDefaults(
+        {**_V2_3D, "channels": (16, 32, 64, 128)}, 64, 0.0, 1.0, arch="unet", ndim=3
+    ),
+    "test_unet": ModelDefaults(
+        {"spatial_dims": 2, "in_channels": 3, "channels": (4, 8, 16), "features": 8},
+        32,
+        0.5,
+        0.5,
+        arch="unet",
+    ),
+    "test_unet3d": ModelDefaults(
+        {**_V2_3D, "channels": (4, 8, 16), "features": 8}, 16, 0.0, 1.0, arch="unet", ndim=3
     ),
 }
 

@@ -236,6 +236,42 @@ _SPECS = (
         input_size=16,
         ndim=3,
     ),
+    BackboneSpec(
+        "unet",
+        "clinadapt",
+        "unet",
+        "",
+        "MONAI U-Net (2D) for segmentation from scratch; no weights",
+        input_size=224,
+    ),
+    BackboneSpec(
+        "unet3d",
+        "clinadapt",
+        "unet3d",
+        "",
+        "MONAI U-Net (3D, 64^3 volumes) for segmentation from scratch; no weights",
+        input_size=64,
+        ndim=3,
+    ),
+    BackboneSpec(
+        "test_unet",
+        "clinadapt",
+        "test_unet",
+        "",
+        "tiny random 2D U-Net for tests (8-d, 32 px); no weights",
+        tiny=True,
+        input_size=32,
+    ),
+    BackboneSpec(
+        "test_unet3d",
+        "clinadapt",
+        "test_unet3d",
+        "",
+        "tiny random 3D U-Net for tests (8-d, 16^3 px); no weights",
+        tiny=True,
+        input_size=16,
+        ndim=3,
+    ),
 )
 for _spec in _SPECS:
     BACKBONES.register(_spec.name, _spec)
