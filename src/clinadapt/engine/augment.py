@@ -6,6 +6,11 @@ channel, which is the pixel range mapped affinely, so they need no knowledge of 
 normalisation and keep repeated grayscale channels identical. Geometric operations pad with
 the image's minimum (black background), not with zero (the normalised mean grey).
 
+Segmentation targets, integer masks (B, H, W) or (B, D, H, W), can come along: they get exactly
+the image's flips and affine (the same sampling grid, nearest neighbour, background 0 outside),
+never the intensity or colour transforms, and passing them draws no extra random numbers, so the
+images come out the same with or without masks.
+
 Grayscale images never get colour jitter: it would invent colours that no scanner produces.
 """
 
@@ -14,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 
 from clinadapt.config import from_dict
-from clinadapt.errors import ConfigError
+from clinadapt.errors import ConfigError, DataError
 from clinadapt.registry import did_you_mean
 
 AUGMENTS = ("auto", "none", "light", "medium")
@@ -127,23 +132,33 @@ class Augmenter:
         self.config = config
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.config.active:
-            return x
-        if x.ndim not in (4, 5):
-            raise ValueError(f"expected (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}")
-        c = self.config
-        x = self._flip(x, c.hflip, -1)
-        x = self._flip(x, c.vflip, -2)
-        if x.ndim == 5:
-            x = self._flip(x, c.dflip, -3)
-        if c.affine > 0:
-            x = self._affine(x)
-        if c.intensity > 0:
-            x = self._intensity(x)
-        if c.color > 0:
-            x = self._color(x)
-        return x
+    @overload
+    def __call__(self, x: torch.Tensor, y: None = None) -> torch.Tensor: ...
+
+    @overload
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The augmented batch ``x``, or ``(x, y)`` with the masks ``y`` moved along with it."""
+        if y is not None:
+            _check_masks(x, y)
+        if self.config.active:
+            if x.ndim not in (4, 5):
+                raise ValueError(f"expected (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}")
+            c = self.config
+            x, y = self._flip(x, y, c.hflip, -1)
+            x, y = self._flip(x, y, c.vflip, -2)
+            if x.ndim == 5:
+                x, y = self._flip(x, y, c.dflip, -3)
+            if c.affine > 0:
+                x, y = self._affine(x, y)
+            if c.intensity > 0:
+                x = self._intensity(x)
+            if c.color > 0:
+                x = self._color(x)
+        return x if y is None else (x, y)
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=self.generator, dtype=torch.float64)
@@ -152,20 +167,27 @@ class Augmenter:
         """A boolean mask of the images that get a transform applied with probability ``p``."""
         return (torch.rand(n, generator=self.generator) < p).to(device)
 
-    def _flip(self, x: torch.Tensor, p: float, dim: int) -> torch.Tensor:
+    def _flip(
+        self, x: torch.Tensor, y: torch.Tensor | None, p: float, dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if p <= 0:
-            return x
-        mask = self._chosen(x.shape[0], p, x.device).view(-1, *[1] * (x.ndim - 1))
-        return torch.where(mask, x.flip(dim), x)
+            return x, y
+        chosen = self._chosen(x.shape[0], p, x.device)
+        x = torch.where(chosen.view(-1, *[1] * (x.ndim - 1)), x.flip(dim), x)
+        if y is not None:
+            y = torch.where(chosen.view(-1, *[1] * (y.ndim - 1)), y.flip(dim), y)
+        return x, y
 
-    def _affine(self, x: torch.Tensor) -> torch.Tensor:
+    def _affine(
+        self, x: torch.Tensor, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         c, n = self.config, x.shape[0]
         chosen = self._chosen(n, c.affine, x.device)
         angle = self._uniform(n, -c.rotate_deg, c.rotate_deg) * math.pi / 180
         zoom = self._uniform(n, *c.scale)
         idx = chosen.nonzero().flatten()
         if not len(idx):
-            return x
+            return x, y
         cos, sin = (torch.cos(angle) / zoom)[idx.cpu()], (torch.sin(angle) / zoom)[idx.cpu()]
         spatial = x.ndim - 2
         theta = torch.zeros(len(idx), spatial, spatial + 1, dtype=torch.float64)
@@ -178,9 +200,12 @@ class Augmenter:
         warped = (
             F.grid_sample(picked - floor, grid, align_corners=False, padding_mode="zeros") + floor
         )
-        out = x.clone()
-        out[idx] = warped
-        return out
+        x = x.clone()
+        x[idx] = warped
+        if y is not None:
+            y = y.clone()
+            y[idx] = _warp_masks(y[idx], grid)
+        return x, y
 
     def _intensity(self, x: torch.Tensor) -> torch.Tensor:
         c, n = self.config, x.shape[0]
@@ -199,6 +224,31 @@ class Augmenter:
         saturation = self._uniform(n, 1 - c.saturation, 1 + c.saturation)
         shape = (n, 1, *[1] * (x.ndim - 2))
         return torch.where(chosen.view(shape), adjust_color(x, gain, saturation), x)
+
+
+def _check_masks(x: torch.Tensor, y: torch.Tensor) -> None:
+    expected = (x.shape[0], *x.shape[2:])
+    if tuple(y.shape) != expected:
+        raise DataError(
+            f"masks of shape {tuple(y.shape)} do not fit images of shape {tuple(x.shape)}: "
+            f"expected {expected} (the images' batch and spatial sizes, no channel axis)"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex:
+        raise DataError(f"masks must hold integer labels, got dtype {y.dtype}")
+
+
+def _warp_masks(y: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Label maps (B, *spatial) resampled at ``grid`` (from ``F.affine_grid``) by nearest
+    neighbour, background 0 outside; labels stay exact and keep their dtype."""
+    dtype = torch.promote_types(grid.dtype, torch.float32)  # exact labels even for fp16 images
+    warped = F.grid_sample(
+        y[:, None].to(dtype),
+        grid.to(dtype),
+        mode="nearest",
+        padding_mode="zeros",
+        align_corners=False,
+    )
+    return warped[:, 0].to(y.dtype)
 
 
 def adjust_intensity(
