@@ -10,6 +10,7 @@ from clinadapt.runner.records import (
     RECORD_VERSION,
     check_writable,
     read_records,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -30,6 +31,19 @@ def test_failed_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(path, {"bad": object()})
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_interrupted_byte_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "mask.png"
+    write_bytes_atomic(path, b"old")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_bytes_atomic(path, b"new")
+    assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]
 
 
 def test_read_records_skips_foreign_and_broken_files(tmp_path):

@@ -51,7 +51,9 @@ _CI_PATTERN = re.compile(r"^(mean_fg_\w+|dice_\d+)$")
 _UNIT_KEYS = ("distance_unit", "nsd_tolerance")
 
 
-def _check_labels(name: str, a: np.ndarray, num_classes: int) -> np.ndarray:
+def check_labels(name: str, a: np.ndarray, num_classes: int) -> np.ndarray:
+    """``a`` as int64 class indices in [0, num_classes); a ``DataError`` naming ``name`` for
+    anything else (NaN, fractions, out-of-range labels, non-numeric dtypes)."""
     if a.dtype == bool:
         return a.astype(np.int64)
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
@@ -130,8 +132,8 @@ def case_metrics(
         )
     if p.ndim not in (2, 3) or p.size == 0:
         raise DataError(f"label maps must be non-empty 2D (H, W) or 3D (D, H, W), got {p.shape}")
-    p = _check_labels("prediction", p, num_classes)
-    t = _check_labels("ground truth", t, num_classes)
+    p = check_labels("prediction", p, num_classes)
+    t = check_labels("ground truth", t, num_classes)
     spacing = _check_spacing(spacing, p.ndim)
 
     require("monai", extra=None, needed_by="segmentation metrics")

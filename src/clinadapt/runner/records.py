@@ -133,12 +133,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """
     if not is_main_process():
         return
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``data`` written to a temporary file beside ``path`` and renamed onto it, with the mode a
+    new file gets: readers see the old file or the whole new one, and a failure leaves neither
+    a partial file nor the temporary one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_json_safe(data), handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         share_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
