@@ -192,8 +192,12 @@ def _first_batch_probe(
     device: torch.device,
 ) -> Callable[[str], np.ndarray]:
     """What ``precision=auto`` compares in fp32 and bf16: the features of the model's backbone
-    (its output when it has none) on the first training batch, prepared as for training."""
+    (its output when it has none; its dense map, flattened, for dense tasks: pooling would
+    average away the per-pixel differences that decide a mask) on the first training batch,
+    prepared as for training."""
     body = model.backbone if isinstance(getattr(model, "backbone", None), nn.Module) else model
+    if task.dense_targets and callable(getattr(body, "dense", None)):
+        body = _DenseFeatures(body)
     net = SliceMean(body) if volume else body
 
     @functools.cache
@@ -206,6 +210,15 @@ def _first_batch_probe(
         return forward_in(net, first_batch(), precision, device)
 
     return probe
+
+
+class _DenseFeatures(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.dense(images).flatten(1)
 
 
 @contextlib.contextmanager

@@ -115,9 +115,16 @@ def run_segmentation(
         to_dict(cfg),
         run=run,
         task=task.name,
-        dataset=dataset_summary(
-            info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
-        ),
+        dataset={
+            **dataset_summary(
+                info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
+            ),
+            "empty_masks": {
+                "train": _empty(train_split.labels, support),
+                "val": _empty(val_split.labels, val_picked),
+                "test": _empty(test_split.labels, np.arange(len(test_split))),
+            },
+        },
         backbone=backbone_summary(backbone, cfg.weights, model.base_parameters),
         preprocessing={
             **preprocess.describe(),
@@ -178,6 +185,12 @@ def _slices(data_ndim: int, network_ndim: int, cfg: ExperimentConfig) -> bool:
     return False
 
 
+def _empty(masks: Any, picked: np.ndarray) -> int:
+    """Cases without foreground among ``picked``: they train and score like any other (Dice
+    conventions in ``clinadapt.eval.segmentation``), and the record says how many there were."""
+    return sum(int(not np.any(masks[int(i)])) for i in picked)
+
+
 def _capped(budget: int | str, n: int) -> int | str:
     """A validation budget larger than the split takes the whole split."""
     return "all" if budget == "all" or int(budget) >= n else budget
@@ -211,6 +224,7 @@ def _overlays(
             run_dir / "overlays" / f"{which}.png",
             title=f"{which}: {cases[i]['id']} (Dice {value:.3f})",
             num_classes=info.num_classes,
+            labels=info.labels,
         )
         out[which] = str(path.relative_to(run_dir))
     return out
