@@ -396,14 +396,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from clinadapt.runner.predict import predict_files
+    from clinadapt.runner.predict import predict_files, predict_masks_files, run_task
     from clinadapt.runner.records import check_writable
 
-    check_writable(args.out, "CSV file")
-    out = predict_files(
-        args.run_dir, args.inputs, args.out, batch_size=args.batch_size, progress=not args.quiet
-    )
-    print(f"predictions written to {out}")
+    options = {"batch_size": args.batch_size, "progress": not args.quiet}
+    if run_task(args.run_dir) == "segmentation":
+        out = args.out or "predictions"
+        if Path(out).suffix.lower() == ".csv":
+            raise ConfigError(
+                f"--out {out}: a segmentation run writes a folder of masks with masks.csv "
+                "inside; give a folder"
+            )
+        check_writable(out, "mask folder", folder=True)
+        written = predict_masks_files(args.run_dir, args.inputs, out, **options)
+        print(f"masks written to {written.parent}, listed in {written}")
+        return 0
+    out = args.out or "predictions.csv"
+    check_writable(out, "CSV file")
+    print(f"predictions written to {predict_files(args.run_dir, args.inputs, out, **options)}")
     return 0
 
 
@@ -522,12 +532,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export[-merged])")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="class probabilities of a trained run for new inputs (CSV)")
+    p = sub.add_parser(
+        "predict",
+        help="class probabilities (CSV) or segmentation masks of a trained run for new inputs",
+    )
     p.add_argument("run_dir", help="folder of a `clinadapt train` run")
     p.add_argument(
-        "inputs", nargs="+", help="image files, folders, .npz files, NIfTI/DICOM volumes"
+        "inputs",
+        nargs="+",
+        help="image files, folders, .npz files, NIfTI/DICOM volumes (segmentation: image files "
+        "for 2D runs, NIfTI files for 3D runs, or folders of them)",
     )
-    p.add_argument("--out", default="predictions.csv", help="CSV file (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="classification: a CSV file (default: predictions.csv); segmentation: a folder that "
+        "gets one mask per input at its own size (PNG, or NIfTI with the input's affine) and "
+        "masks.csv with each mask's class sizes (default: predictions/)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)

@@ -106,3 +106,13 @@ def test_uint8_and_float_inputs_are_not_batched_together(cnn_run, tmp_path):
 
 def read_rows(path):
     return list(csv.DictReader(path.open()))
+
+
+def test_cli_writes_the_csv_of_a_classification_run(cnn_run, tmp_path, monkeypatch, capsys):
+    png = tmp_path / "a.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(cnn_run), str(png), "--quiet"]) == 0
+    assert "predictions written to predictions.csv" in capsys.readouterr().out
+    [row] = read_rows(tmp_path / "predictions.csv")
+    assert row["source"] == str(png) and "predicted" in row

@@ -1,8 +1,10 @@
-"""``clinadapt predict``: class probabilities of a trained run for new images or volumes."""
+"""``clinadapt predict``: class probabilities of a trained classification run for new images or
+volumes, or the masks of a segmentation run at each input's own size."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import zipfile
 import zlib
@@ -12,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt.errors import ClinadaptError, DataError
+from clinadapt.errors import ClinadaptError, ConfigError, DataError
+
+MASKS_CSV = "masks.csv"
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any, Any]:
@@ -35,6 +39,16 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any, Any, Any]:
     model, method = load_adapted(run_dir / "adapter", trust_pickle=cfg.trust_pickle)
     task = TASKS.get(record.get("task", "classification"))
     return record, model.eval(), method, make_preprocess(model.backbone, cfg, task)
+
+
+def run_task(run_dir: str | Path) -> str:
+    """The task of a run from its record alone, so a command can check its output before loading
+    the model; "classification" without a readable record (``load_run`` then says what is wrong)."""
+    try:
+        record = json.loads((Path(run_dir) / "record.json").read_text())
+    except (OSError, ValueError):
+        return "classification"
+    return record.get("task", "classification") if isinstance(record, dict) else "classification"
 
 
 def iter_inputs(
@@ -193,3 +207,171 @@ def _batches(items: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[lis
         batch.append(item)
     if batch:
         yield batch
+
+
+def predict_masks_files(
+    run_dir: str | Path,
+    inputs: list[str],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Path:
+    """Segment every input of a segmentation run into ``out_dir`` and return its ``masks.csv``.
+
+    2D runs take image files, 3D runs NIfTI volumes (or folders of them); each is read at its own
+    size as in training and its mask written beside the others, named after the input: a PNG, or
+    a NIfTI on the input's voxel grid with its affine. ``masks.csv`` lists ``source, mask`` and
+    per class the foreground fraction (2D) or voxel count and volume in mm^3 (3D). Masks are
+    written one by one; the CSV only once every input succeeded.
+    """
+    from tqdm.auto import tqdm
+
+    from clinadapt.engine.predict import predict_masks
+    from clinadapt.runner.masks import SUFFIXES, write_mask
+    from clinadapt.runner.records import write_bytes_atomic
+
+    record, model, _, preprocess = load_run(run_dir)
+    task = record.get("task", "classification")
+    if task != "segmentation":
+        raise ConfigError(
+            f"{run_dir} is a {task} run: it predicts class probabilities, written to a CSV file "
+            "(predict_files), not masks"
+        )
+    dataset = record["dataset"]
+    ndim, labels = dataset["ndim"], list(dataset["labels"])
+    num_classes = int(dataset.get("num_classes", len(labels)))
+    channels = 3 if dataset.get("channels", 1) == 3 else 1
+    slices = bool(record["preprocessing"].get("slices"))
+    out = Path(out_dir)
+    cases = [
+        (source, out / f"{name}{SUFFIXES[ndim]}") for source, name in mask_inputs(inputs, ndim)
+    ]
+    sources = {source.resolve(): source for source, _ in cases}
+    clash = next((sources[t.resolve()] for _, t in cases if t.resolve() in sources), None)
+    if clash is not None:
+        raise ConfigError(
+            f"the masks would overwrite the input {clash}: give an --out folder apart from the "
+            "inputs"
+        )
+    rows = []
+    for i, (source, target) in enumerate(
+        tqdm(cases, desc="predict", unit="case", disable=not progress)
+    ):
+        try:
+            image, affine, zooms = _read_case(source, ndim, channels)
+            [mask] = predict_masks(
+                model,
+                [image],
+                preprocess=preprocess,
+                batch_size=batch_size,
+                slices=slices,
+                progress=False,
+            )
+            path = write_mask(mask, target, num_classes=num_classes, affine=affine)
+        except ClinadaptError as err:
+            kept = f" (the {i} masks before it are in {out})" if i else ""
+            raise type(err)(
+                f"{err}\nstopped at {source}{kept}; {MASKS_CSV} is written once every input "
+                f"succeeds: fix or remove {source} and run again"
+            ) from None
+        rows.append(
+            [str(source), path.relative_to(out).as_posix(), *_sizes(mask, num_classes, zooms)]
+        )
+    header = ["source", "mask"]
+    for label in labels[1:]:
+        header += [f"fraction_{label}"] if ndim == 2 else [f"voxels_{label}", f"volume_mm3_{label}"]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    csv_path = out / MASKS_CSV
+    write_bytes_atomic(csv_path, text.getvalue().encode())
+    return csv_path
+
+
+def mask_inputs(inputs: list[str], ndim: int) -> list[tuple[Path, Path]]:
+    """(file, mask name without suffix) of every input, all checked before any is read: image
+    files for 2D runs, NIfTI volumes for 3D runs. A file found in a folder keeps its sub-folder
+    in the name, so equal file names in different sub-folders do not overwrite each other."""
+    from clinadapt.data.lazy import IMAGE_SUFFIXES
+    from clinadapt.data.volumes import VOLUME_SUFFIXES
+
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise DataError(f"input {path} does not exist")
+        if not path.is_dir():
+            found.append((path, Path(_stem(path))))
+            continue
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and not p.name.startswith(".")
+            and p.name.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+        )
+        if not files:
+            raise DataError(f"folder {path} holds no image or volume files")
+        found += [(p, p.relative_to(path).parent / _stem(p)) for p in files]
+    seen: dict[str, Path] = {}
+    for path, name in found:
+        _check_dimensions(path, ndim)
+        other = seen.setdefault(name.as_posix().lower(), path)
+        if other != path:
+            raise DataError(
+                f"{other} and {path} would both be written as the mask {name}: predict them into "
+                "separate --out folders, or rename one"
+            )
+    return found
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+def _check_dimensions(path: Path, ndim: int) -> None:
+    from clinadapt.data.lazy import IMAGE_SUFFIXES
+    from clinadapt.data.volumes import VOLUME_SUFFIXES
+
+    name = path.name.lower()
+    if ndim == 2 and name.endswith(VOLUME_SUFFIXES):
+        raise DataError(
+            f"{path} is a volume but this run segments 2D images; give image files "
+            f"({', '.join(IMAGE_SUFFIXES)}) or use a run trained on volumes"
+        )
+    if ndim == 3 and name.endswith(IMAGE_SUFFIXES):
+        raise DataError(
+            f"{path} is a 2D image but this run segments volumes; give NIfTI files (.nii, "
+            ".nii.gz) or use a run trained on 2D images"
+        )
+    if ndim == 3 and name.endswith(".dcm"):
+        raise DataError(
+            f"{path}: DICOM is not segmented directly, because a mask needs the voxel grid of "
+            "a NIfTI file; convert the series to NIfTI (e.g. with dcm2niix) and predict that"
+        )
+    if not name.endswith((*IMAGE_SUFFIXES, ".nii", ".nii.gz")):
+        what = "image files" if ndim == 2 else "NIfTI volumes"
+        raise DataError(f"cannot read {path}: a segmentation run takes {what} or folders of them")
+
+
+def _read_case(
+    path: Path, ndim: int, channels: int
+) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...] | None]:
+    """(image, affine, voxel size in mm) as training read it, at the case's own size."""
+    from clinadapt.data import seg_files
+    from clinadapt.data.lazy import decode_image
+
+    if ndim == 2:
+        return decode_image(path, channels=channels), None, None
+    header = seg_files.nifti_header(path)
+    return seg_files.read_nifti_image(path), header["affine"], header["zooms"]
+
+
+def _sizes(mask: np.ndarray, num_classes: int, zooms: tuple[float, ...] | None) -> list[str]:
+    """Per foreground class: the fraction of pixels (2D), or voxels and mm^3 (3D)."""
+    counts = np.bincount(mask.ravel(), minlength=num_classes)[1:num_classes]
+    if zooms is None:
+        return [f"{n / mask.size:.6f}" for n in counts]
+    voxel = float(np.prod(zooms))
+    return [value for n in counts for value in (str(int(n)), f"{n * voxel:.3f}")]
