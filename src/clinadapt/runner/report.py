@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,21 @@ from clinadapt.runner.records import read_records, record_task
 
 log = logging.getLogger(__name__)
 
-METRIC_LABELS = {"auc": "AUC", "acc": "ACC", "balanced_accuracy": "balanced acc."}
+METRIC_LABELS = {
+    "auc": "AUC",
+    "acc": "ACC",
+    "balanced_accuracy": "balanced acc.",
+    "dice": "Dice",
+    "iou": "IoU",
+    "hd95": "HD95",
+    "nsd": "NSD",
+}
 """Column titles of metrics; any other metric is titled by its name."""
+DISTANCE_METRICS = frozenset({"hd95"})
+"""Metrics in a case's distance unit (mm, or pixels where the spacing is unknown): lower is
+better, unbounded above, shown with two decimals and their unit."""
+UNITS = {"mm": "mm", "pixel": "px"}
+OVERLAY_ORDER = ("best", "median", "worst")
 Z95 = 1.959963984540054
 AXES = ("dataset", "backbone", "weights", "method", "shots")
 """Row columns of their own; any other option that differs between records gets an
@@ -57,17 +72,18 @@ def varying_options(records: list[dict[str, Any]]) -> list[str]:
     return sorted({key for (_, key), seen in values.items() if len(seen) > 1})
 
 
-def interval(values: list[float], cis: list[list[float]]) -> list[float] | None:
+def interval(values: list[float], cis: list[list[float]], upper: float = 1.0) -> list[float] | None:
     """A 95% interval for one new run (new seed, new test sample): mean ± 1.96 x sqrt(between-seed
     variance + mean within-seed bootstrap variance), the law of total variance under a normal
-    approximation; each bootstrap variance is read from its percentile CI's width / 3.92."""
+    approximation; each bootstrap variance is read from its percentile CI's width / 3.92.
+    Clipped to [0, ``upper``], the metric's range (distances have none above)."""
     if not cis:
         return None
     mean = float(np.mean(values))
     between = float(np.var(values, ddof=1)) if len(values) > 1 else 0.0
     within = float(np.mean([((hi - lo) / (2 * Z95)) ** 2 for lo, hi in cis]))
     half = Z95 * math.sqrt(between + within)
-    return [max(mean - half, 0.0), min(mean + half, 1.0)]
+    return [max(mean - half, 0.0), min(mean + half, upper)]
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,10 +125,12 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for metric in record_task(recs[0]).report_metrics:
             _summarise_metric(row, metric, recs)
         row["verified"] = recs[0]["dataset"]["provenance"].get("verified")
-        pre = recs[0]["preprocessing"]
-        row["protocol"] = f"{pre.get('resize')} {pre.get('source_size')}->{pre.get('input_size')}"
-        if pre.get("volume_mode"):
-            row["protocol"] += f", {pre['volume_mode']} slices ({pre.get('max_slices') or 'all'})"
+        row["protocol"] = _protocol(recs[0])
+        test = recs[0]["metrics"]["test"]
+        if "distance_unit" in test:
+            row["distance_unit"] = test["distance_unit"]
+            row["nsd_tolerance"] = test.get("nsd_tolerance")
+        _overlay_sources(row, recs)
         row["labels_used"] = float(np.mean([r["labels_used"]["total"] for r in recs]))
         row["time_s"] = float(np.mean([r["timings"]["run_s"] for r in recs]))
         row["fitted_parameters"] = recs[0]["method"]["fitted_parameters"]
@@ -131,14 +149,56 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _protocol(rec: dict[str, Any]) -> str:
+    """How inputs reached the network: resize mode and sizes; for dense tasks, where image and
+    mask are brought to one size together, the mode and that size, and whether volumes went
+    through slice by slice."""
+    pre = rec["preprocessing"]
+    if record_task(rec).dense_targets:
+        size = pre.get("size")
+        size = "x".join(map(str, size)) if isinstance(size, list) else size
+        return f"{pre.get('resize')} to {size}" + (", axial slices" if pre.get("slices") else "")
+    text = f"{pre.get('resize')} {pre.get('source_size')}->{pre.get('input_size')}"
+    if pre.get("volume_mode"):
+        text += f", {pre['volume_mode']} slices ({pre.get('max_slices') or 'all'})"
+    return text
+
+
+def _run_folder(record_path: str) -> Path:
+    """Where a run's own files lie: beside a ``record.json``, or in the folder a bench record
+    ``X.json`` names (``X``)."""
+    path = Path(record_path)
+    return path.parent if path.name == "record.json" else path.with_suffix("")
+
+
+def _overlay_sources(row: dict[str, Any], recs: list[dict[str, Any]]) -> None:
+    """The pictures of the row's first seed (``overlays``: which -> file) and that seed."""
+    first = min(recs, key=lambda r: r["config"].get("seed", 0))
+    pictures = first.get("overlays")
+    if not pictures:
+        return
+    if "_path" not in first:
+        log.warning("record of %s has overlays but no file path; left out", _row_title(row))
+        return
+    folder = _run_folder(first["_path"])
+    order = [w for w in OVERLAY_ORDER if w in pictures] + sorted(set(pictures) - {*OVERLAY_ORDER})
+    row["overlays"] = {which: folder / pictures[which] for which in order}
+    row["overlay_seed"] = first["config"].get("seed")
+
+
 def _summarise_metric(row: dict[str, Any], metric: str, recs: list[dict[str, Any]]) -> None:
-    """Mean, sd over seeds, the seed-inclusive interval, and why a metric is undefined."""
-    values, cis, reasons = [], [], set()
+    """Mean, sd over seeds, the seed-inclusive interval, why a metric is undefined, and for
+    tasks scored per case the mean number per seed of test cases where it is undefined."""
+    values, cis, reasons, undefined_cases = [], [], set(), []
     for rec in recs:
         test = rec["metrics"]["test"]
+        if "n_undefined" in test:
+            undefined_cases.append((test["n_undefined"].get(metric, 0), test["n_cases"]))
         value = test.get(metric)
         if value is None or math.isnan(value):
-            reasons.add(test.get("undefined", {}).get(metric) or "undefined")
+            why = test.get("undefined", {})
+            # per-case tasks name the summary statistic: "mean_fg_<metric>.mean"
+            reasons.add(why.get(metric) or why.get(f"mean_fg_{metric}.mean") or "undefined")
             continue
         values.append(value)
         ci = rec["metrics"].get("test_ci95", {}).get(metric)
@@ -146,9 +206,13 @@ def _summarise_metric(row: dict[str, Any], metric: str, recs: list[dict[str, Any
             cis.append(ci)
     row[metric] = float(np.mean(values)) if values else math.nan
     row[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    row[f"{metric}_ci"] = interval(values, cis) if len(cis) == len(values) else None
+    upper = math.inf if metric in DISTANCE_METRICS else 1.0
+    row[f"{metric}_ci"] = interval(values, cis, upper) if len(cis) == len(values) else None
     row[f"{metric}_n"] = len(values)
     row[f"{metric}_undefined"] = "; ".join(sorted(reasons))
+    if undefined_cases:
+        row[f"{metric}_cases_undefined"] = float(np.mean([n for n, _ in undefined_cases]))
+        row[f"{metric}_cases"] = float(np.mean([n for _, n in undefined_cases]))
 
 
 def setup_time(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -166,16 +230,27 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _count(value: float) -> str:
+    return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+
+
 def _fmt(row: dict[str, Any], metric: str) -> str:
     mean = row[metric]
     why = row.get(f"{metric}_undefined")
     if math.isnan(mean):
         return f"n/a ({why})" if why else "n/a"
-    text = f"{mean:.3f} ± {row[f'{metric}_sd']:.3f}"
+    digits = 2 if metric in DISTANCE_METRICS else 3
+    text = f"{mean:.{digits}f} ± {row[f'{metric}_sd']:.{digits}f}"
     ci = row.get(f"{metric}_ci")
-    text = f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
+    text = f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else text
+    if metric in DISTANCE_METRICS and row.get("distance_unit"):
+        text += f" {UNITS.get(row['distance_unit'], row['distance_unit'])}"
     if why:  # some seeds gave no value
         text += f" ({row['seeds'] - row[f'{metric}_n']} of {row['seeds']} seeds n/a: {why})"
+    cases = row.get(f"{metric}_cases_undefined")
+    if cases:  # some test cases gave no value; the mean is over the others
+        per_seed = f", mean over {row['seeds']} seeds" if row["seeds"] > 1 else ""
+        text += f" ({_count(cases)}/{_count(row[f'{metric}_cases'])} cases undefined{per_seed})"
     return text
 
 
@@ -257,22 +332,47 @@ def published_comparison(
     return "\n".join(lines)
 
 
-def _curve_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+def primary_metric(task: str) -> str:
+    """What a task's plots show: its first report metric (AUC, Dice)."""
+    from clinadapt.tasks import TASKS
+
+    return TASKS.get(task).report_metrics[0]
+
+
+def _shots_label(task: str) -> str:
+    """Classification draws its shots per class; other tasks draw labelled images (cases)."""
+    return "labelled examples per class" if task == "classification" else "labelled images"
+
+
+def _by_metric(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows by their task's primary metric, so that no plot mixes metrics on one axis."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(row["dataset"], row["backbone"])].append(row)
+        groups[primary_metric(row["task"])].append(row)
+    return groups
+
+
+def _curve_groups(
+    rows: list[dict[str, Any]],
+) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["dataset"], row["backbone"])].append(row)
     return groups
 
 
 def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """AUC against shots per class, one line per method and weights (controls dashed)."""
+    """The task's primary metric against labelled examples (per class for classification,
+    images for other tasks), one line per method and weights (controls dashed), one plot per
+    dataset and backbone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for (dataset, backbone), group in _curve_groups(rows).items():
+    for (task, dataset, backbone), group in _curve_groups(rows).items():
+        metric = primary_metric(task)
         shots = sorted({r["shots"] for r in group}, key=_shots_order)
         fig, ax = plt.subplots(figsize=(9, 4))
         lines: dict[tuple[str, str, str, bool], list[dict[str, Any]]] = defaultdict(list)
@@ -281,16 +381,17 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
         for (method, options, _weights, pretrained), pts in sorted(lines.items()):
             pts.sort(key=lambda r: _shots_order(r["shots"]))
             x = [shots.index(p["shots"]) for p in pts]
-            y = np.array([p["auc"] for p in pts])
-            sd = np.array([p["auc_sd"] for p in pts])
+            y = np.array([p[metric] for p in pts])
+            sd = np.array([p[f"{metric}_sd"] for p in pts])
             label = f"{method}{f' ({options})' if options else ''} / {_weights_label(pts[0])}"
             (line,) = ax.plot(x, y, "o-" if pretrained else "s--", label=label)
             ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
         ax.set_xticks(range(len(shots)), shots)
-        ax.set_xlabel("labelled examples per class")
-        ax.set_ylabel("test AUC (mean ± sd over seeds)")
+        ax.set_xlabel(_shots_label(task))
+        ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)} (mean ± sd over seeds)")
         ax.set_title(f"{dataset}: {backbone}")
-        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        if metric == "auc":  # chance
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out_dir / f"label_efficiency_{dataset}_{backbone.replace(':', '-')}.png"
@@ -300,9 +401,20 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
     return paths
 
 
-def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """Bars of AUC with all labels, each pretrained backbone beside its untrained control;
-    error bars are bootstrap 95% CIs on the test split."""
+def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Bars of the primary metric with all labels, each pretrained backbone beside its untrained
+    control; error bars are bootstrap 95% CIs on the test split. One plot per metric:
+    ``pretrained_vs_control.png`` for AUC, ``pretrained_vs_control_<metric>.png`` for others."""
+    paths = []
+    for metric, group in _by_metric(rows).items():
+        name = "pretrained_vs_control" + ("" if metric == "auc" else f"_{metric}")
+        path = _pretrained_vs_control(group, metric, out_dir / f"{name}.png")
+        if path:
+            paths.append(path)
+    return paths
+
+
+def _pretrained_vs_control(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,11 +439,11 @@ def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Pat
                 if (r["dataset"], r["backbone"], r["method"]) == cat
                 and r["pretrained"] is pretrained
             ]
-            auc = match[0]["auc"] if match else np.nan
-            ci = (match[0].get("auc_ci") if match else None) or [auc, auc]
-            vals.append(auc)
-            lows.append(max(auc - ci[0], 0.0))
-            highs.append(max(ci[1] - auc, 0.0))
+            value = match[0][metric] if match else np.nan
+            ci = (match[0].get(f"{metric}_ci") if match else None) or [value, value]
+            vals.append(value)
+            lows.append(max(value - ci[0], 0.0))
+            highs.append(max(ci[1] - value, 0.0))
         ax.bar(
             np.arange(len(cats)) + offset,
             vals,
@@ -343,57 +455,104 @@ def plot_pretrained_vs_control(rows: list[dict[str, Any]], out_dir: Path) -> Pat
         )
     labels = [f"{d} / {m}" + (f"\n{b}" if several_backbones else "") for d, b, m in cats]
     ax.set_xticks(range(len(cats)), labels, rotation=40, ha="right", fontsize=7)
-    ax.set_ylabel("test AUC, all labels (95% bootstrap CI)")
-    ax.set_ylim(0.4, 1.0)
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)}, all labels (95% bootstrap CI)")
+    if metric == "auc":  # chance, and the range where AUCs differ
+        ax.set_ylim(0.4, 1.0)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend()
     ax.set_title("pretrained weights versus untrained control")
     fig.tight_layout()
-    path = out_dir / "pretrained_vs_control.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def plot_auc_vs_parameters(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """What each extra trainable parameter buys: AUC against fitted/trainable parameters."""
+def plot_metric_vs_parameters(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """What each extra trainable parameter buys: the primary metric against fitted/trainable
+    parameters, one plot per metric (``auc_vs_parameters.png``, ``dice_vs_parameters.png``),
+    drawn where at least two methods train parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r["fitted_parameters"] > 0 and not math.isnan(r["auc"])]
-    if len({r["method"] for r in pts}) < 2:
-        return None
-    datasets = sorted({r["dataset"] for r in pts})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        for r in (r for r in pts if r["dataset"] == dataset):
-            marker = "o" if r["shots"] == "all" else "^"
-            ax.errorbar(
-                r["fitted_parameters"],
-                r["auc"],
-                yerr=r["auc_sd"],
-                fmt=marker,
-                capsize=2,
-                color="C0" if r["pretrained"] else "C1",
-            )
-            ax.annotate(
-                f"{r['method']} ({r['shots']})",
-                (r["fitted_parameters"], r["auc"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("trained parameters (log)")
-        ax.set_ylabel("test AUC (mean ± sd over seeds)")
-        ax.set_title(f"{dataset}: AUC against trainable parameters", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / "auc_vs_parameters.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    paths = []
+    for metric, group in _by_metric(rows).items():
+        pts = [r for r in group if r["fitted_parameters"] > 0 and not math.isnan(r[metric])]
+        if len({r["method"] for r in pts}) < 2:
+            continue
+        label = METRIC_LABELS.get(metric, metric)
+        datasets = sorted({r["dataset"] for r in pts})
+        fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+        for ax, dataset in zip(axes[0], datasets, strict=True):
+            for r in (r for r in pts if r["dataset"] == dataset):
+                marker = "o" if r["shots"] == "all" else "^"
+                ax.errorbar(
+                    r["fitted_parameters"],
+                    r[metric],
+                    yerr=r[f"{metric}_sd"],
+                    fmt=marker,
+                    capsize=2,
+                    color="C0" if r["pretrained"] else "C1",
+                )
+                ax.annotate(
+                    f"{r['method']} ({r['shots']})",
+                    (r["fitted_parameters"], r[metric]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("trained parameters (log)")
+            ax.set_ylabel(f"test {label} (mean ± sd over seeds)")
+            ax.set_title(f"{dataset}: {label} against trainable parameters", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{metric}_vs_parameters.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _row_title(row: dict[str, Any]) -> str:
+    options = f" ({row['options']})" if row["options"] else ""
+    shots = "all labels" if row["shots"] == "all" else f"{row['shots']} shots"
+    return (
+        f"{row['dataset']} / {row['backbone']} / {_weights_label(row)} / {row['method']}"
+        f"{options} / {shots}"
+    )
+
+
+def copy_overlays(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Copy each row's overlay pictures (its first seed's) into ``out/overlays`` so that the
+    report stands alone; returns (heading, [(which, path relative to ``out``)]) per row with
+    pictures. A picture that cannot be read is left out with a warning."""
+    sections, used = [], set()
+    for row in rows:
+        if not row.get("overlays"):
+            continue
+        title = _row_title(row)
+        base = "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-") for p in title.split(" / "))
+        slug, n = base, 1
+        while slug in used:  # titles that differ only in characters a file name drops
+            n += 1
+            slug = f"{base}-{n}"
+        used.add(slug)
+        pictures = []
+        for which, source in row["overlays"].items():
+            target = out / "overlays" / f"{slug}_{which}{Path(source).suffix}"
+            try:
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(source, target)
+            except OSError as err:
+                log.warning("%s picture of %s left out of the report: %s", which, title, err)
+                continue
+            pictures.append((which, target.relative_to(out).as_posix()))
+        if pictures:
+            names = ", ".join(w for w, _ in pictures)
+            seed = row["overlay_seed"]
+            sections.append((f"{title} (seed {seed}): {names} test case", pictures))
+    return sections
 
 
 def failures(records: list[dict[str, Any]]) -> list[str]:
@@ -402,8 +561,64 @@ def failures(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def notes(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str]:
+    """What a reader needs to read the table: how cells are made, what each task's metrics
+    mean (only for the tasks present), and what time was spent."""
+    spent = setup_time(records)
+    tasks = {r["task"] for r in rows} or {"classification"}
+    out = [
+        "Metrics: test split, mean ± sd over seeds, [95% interval for one run: seed variation"
+        " and bootstrap resampling of the test set together, see runner.report.interval].",
+        "Labelled images: training examples plus the validation examples that chose"
+        " hyper-parameters or the epoch (mean over seeds).",
+        "Run time: each run's own work. Loading and feature extraction, shared by runs, took"
+        f" {spent['setup_s']:.1f} s over {spent['setups']} setups;"
+        f" the runs {spent['runs_s']:.1f} s.",
+    ]
+    if "classification" in tasks:
+        out.append(
+            "AUC and ACC follow the MedMNIST evaluator (macro one-vs-rest AUC; 0.5 threshold)."
+        )
+    if "segmentation" in tasks:
+        out.append(_segmentation_note([r for r in rows if r["task"] == "segmentation"]))
+    out += [
+        "Rows marked 'untrained control' use randomly initialised weights: they are a baseline,"
+        " not a foundation model.",
+        "Numbers are comparable only under the same input protocol (column 'protocol').",
+    ]
+    if any(r["verified"] is False for r in rows):
+        out.append("Datasets marked 'unverified md5' differ from the official release.")
+    return out
+
+
+def _segmentation_note(rows: list[dict[str, Any]]) -> str:
+    tolerances: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        unit = {"pixel": "pixels"}.get(row.get("distance_unit"), row.get("distance_unit"))
+        tol = row.get("nsd_tolerance")
+        text = f"{tol:g} {unit}" if tol is not None and unit else "not recorded"
+        if row["dataset"] not in tolerances[text]:
+            tolerances[text].append(row["dataset"])
+    tolerance = (
+        next(iter(tolerances))
+        if len(tolerances) == 1
+        else "; ".join(f"{t} for {', '.join(d)}" for t, d in sorted(tolerances.items()))
+    )
+    return (
+        "Dice, HD95 and NSD are scored per test case at the case's own size, distances in mm"
+        " where the voxel spacing is known and in pixels (px) otherwise (NSD tolerance:"
+        f" {tolerance}); each cell is the mean over cases of the mean over foreground classes."
+        " HD95: lower is better. Empty masks as in clinadapt.eval.segmentation: a class absent"
+        " from both truth and prediction scores Dice = NSD = 1 and HD95 = 0; absent from exactly"
+        " one, Dice = NSD = 0 and HD95 is undefined, and so is the case's mean over classes."
+        " Undefined cases are left out of the mean"
+        " and counted in the cell as '(k/N cases undefined)', k the mean number per seed."
+    )
+
+
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.html and PNG plots; return their paths."""
+    """Write report.md, report.html, PNG plots and copies of the overlay pictures; return the
+    paths of the reports and plots."""
     from clinadapt.errors import ClinadaptError
 
     records = read_records(run_dir)
@@ -412,39 +627,36 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out = Path(out_dir) if out_dir else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise(records)
-    plots = plot_label_efficiency(rows, out)
-    for extra in (plot_pretrained_vs_control(rows, out), plot_auc_vs_parameters(rows, out)):
-        if extra:
-            plots.append(extra)
-    spent = setup_time(records)
-    notes = [
-        "Metrics: test split, mean ± sd over seeds, [95% interval for one run: seed variation"
-        " and bootstrap resampling of the test set together, see runner.report.interval].",
-        "Labelled images: training examples plus the validation examples that chose"
-        " hyper-parameters or the epoch (mean over seeds).",
-        "Run time: each run's own work. Loading and feature extraction, shared by runs, took"
-        f" {spent['setup_s']:.1f} s over {spent['setups']} setups;"
-        f" the runs {spent['runs_s']:.1f} s.",
-        "AUC and ACC follow the MedMNIST evaluator (macro one-vs-rest AUC; 0.5 threshold).",
-        "Rows marked 'untrained control' use randomly initialised weights: they are a baseline,"
-        " not a foundation model.",
-        "Numbers are comparable only under the same input protocol (column 'protocol').",
+    plots = [
+        *plot_label_efficiency(rows, out),
+        *plot_pretrained_vs_control(rows, out),
+        *plot_metric_vs_parameters(rows, out),
     ]
-    if any(r["verified"] is False for r in rows):
-        notes.append("Datasets marked 'unverified md5' differ from the official release.")
+    overlays = copy_overlays(rows, out)
+    text = notes(rows, records)
     fails = failures(records)
-    md = ["# clinadapt report", "", *[f"- {n}" for n in notes], "", markdown_table(rows), ""]
+    md = ["# clinadapt report", "", *[f"- {n}" for n in text], "", markdown_table(rows), ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
+    if overlays:
+        md += ["", "## Best, median and worst test cases"]
+        for title, pictures in overlays:
+            md += ["", f"### {title}", "", " ".join(f"![{w}]({p})" for w, p in pictures)]
     if fails:
         md += ["", "## Failed runs", "", *[f"- {f}" for f in fails]]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n")
     html_path = out / "report.html"
-    html_path.write_text(_html(rows, notes, plots, fails))
+    html_path.write_text(_html(rows, text, plots, overlays, fails))
     return {"markdown": md_path, "html": html_path, **{p.stem: p for p in plots}}
 
 
-def _html(rows: list[dict[str, Any]], notes: list[str], plots: list[Path], fails: list[str]) -> str:
+def _html(
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    plots: list[Path],
+    overlays: list[tuple[str, list[tuple[str, str]]]],
+    fails: list[str],
+) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in header(rows))
     body = "".join(
@@ -460,6 +672,11 @@ def _html(rows: list[dict[str, Any]], notes: list[str], plots: list[Path], fails
         f"</ul><table><tr>{head}</tr>{body}</table>",
         *[f"<p><img src='{esc(p.name)}' alt='{esc(p.stem)}'></p>" for p in plots],
     ]
+    if overlays:
+        parts.append("<h2>Best, median and worst test cases</h2>")
+        for title, pictures in overlays:
+            images = "".join(f"<img src='{esc(p)}' alt='{esc(w)}'>" for w, p in pictures)
+            parts += [f"<h3>{esc(title)}</h3>", f"<p>{images}</p>"]
     if fails:
         parts += ["<h2>Failed runs</h2><ul>", *[f"<li>{esc(f)}</li>" for f in fails], "</ul>"]
     parts.append("</body></html>\n")
