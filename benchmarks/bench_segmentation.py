@@ -62,12 +62,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--size", type=int, default=128, help="2D input size (px)")
     parser.add_argument("--out", default=str(cache_home() / "bench_segmentation"))
+    parser.add_argument(
+        "--models", default="", help="run only models whose name contains one of these (a,b)"
+    )
     args = parser.parse_args()
     weights = default_weights("mobilenetv2_100")
     out = Path(args.out)
     for dataset in args.datasets.split(","):
         for shots in args.shots.split(","):
-            for spec in models(dataset, weights).values():
+            for name, spec in models(dataset, weights).items():
+                wanted = [m for m in args.models.split(",") if m]
+                if wanted and not any(m in name for m in wanted):
+                    continue
                 train = {"epochs": EPOCHS[(dataset, shots)], "batch_size": 8}
                 base = {"data_root": args.data_root, "input_size": args.size, "bootstrap": 1000}
                 base.update(spec["base"])

@@ -212,11 +212,11 @@ def test_report_leaves_out_records_that_lack_what_a_row_needs(tmp_path):
     assert md.count("| synthetic-binary |") == 2
 
 
-def test_a_dataset_no_task_handles_fails_before_any_extraction(tmp_path, monkeypatch):
+def test_a_frozen_method_on_segmentation_data_fails_before_any_extraction(tmp_path, monkeypatch):
     from PIL import Image
 
     import clinadapt.runner.experiment as experiment
-    from clinadapt.errors import UnknownNameError
+    from clinadapt.errors import ConfigError
 
     folder = tmp_path / "seg"
     for sub in ("images", "masks"):
@@ -231,11 +231,11 @@ def test_a_dataset_no_task_handles_fails_before_any_extraction(tmp_path, monkeyp
         )
 
     def extraction_started(*args, **kwargs):
-        raise AssertionError("features were extracted for a dataset no task handles")
+        raise AssertionError("features were extracted for a method that cannot segment")
 
     monkeypatch.setattr(experiment, "make_preprocess", extraction_started)
     cfg = ExperimentConfig(dataset=str(folder), backbone="test_cnn", weights="none", method="knn")
-    with pytest.raises(UnknownNameError, match="segmentation"):
+    with pytest.raises(ConfigError, match="pooled features.*head"):
         run_experiment(cfg, progress=False)
 
 
