@@ -325,17 +325,23 @@ class SegmentationPreprocess:
         """(x, y): x (B, C, *shape) float32, y (B, *shape) int64; without ``masks`` y is zeros
         (prediction)."""
         pairs = []
+        channels = ((), (1,), (3,)) if self.ndim == 2 else ((),)  # what normalise takes
         for i, image in enumerate(images):
             image = np.asarray(image)
+            mask = None if masks is None else np.asarray(masks[i])
             spatial = image.shape[: self.ndim]
-            if image.ndim - self.ndim not in (0, 1):
+            if (  # a volume's depth must not pass for an image's channels
+                len(spatial) < self.ndim
+                or image.shape[self.ndim :] not in channels
+                or (mask is not None and mask.ndim != self.ndim)
+            ):
                 what = "volumes (D, H, W)" if self.ndim == 3 else "images (H, W) or (H, W, C)"
+                of_mask = "" if mask is None else f" with a mask of shape {mask.shape}"
                 raise DataError(
-                    f"this network takes {what}, got a case of shape {image.shape}; 3D cases "
-                    "reach a 2D backbone slice by slice"
+                    f"this network takes {what}, got a case of shape {image.shape}{of_mask}; "
+                    "3D cases reach a 2D backbone slice by slice"
                 )
-            mask = np.zeros(spatial, np.uint8) if masks is None else np.asarray(masks[i])
-            pairs.append(self.pair(image, mask))
+            pairs.append(self.pair(image, np.zeros(spatial, np.uint8) if mask is None else mask))
         x = self.normalise(np.stack([image for image, _ in pairs]))
         y = torch.from_numpy(np.stack([mask for _, mask in pairs]).astype(np.int64))
         return x, y
