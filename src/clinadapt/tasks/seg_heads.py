@@ -91,8 +91,7 @@ class SegmentationHead(nn.Module):
         conv = nn.Conv2d if self.ndim == 2 else nn.Conv3d
         layers: list[nn.Module] = []
         skips = nn.ModuleDict()
-        self.skip_levels: dict[int, int] = {}
-        """Stage -> index of the map it concatenates."""
+        self.skip_levels: dict[int, int] = {}  # stage -> index of the map it concatenates
         width = in_channels[-1]
         self.stages = 0
         if kind == "decoder":
