@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -126,6 +128,7 @@ def test_open_clip_vit_tower_gives_its_normed_patch_tokens():
     x = torch.randn(2, 3, 32, 32)
     dense = backbone.dense(x)
     assert dense.shape == (2, 32, 2, 2) and backbone.dense_dim == 32  # width, not output_dim
+    assert len(backbone.dense_levels(x)) == 1
     tower.output_tokens = True
     _, tokens = tower(x)
     torch.testing.assert_close(dense.flatten(2).transpose(1, 2), tokens)
@@ -154,3 +157,93 @@ def test_model_without_a_map_is_refused_by_name():
     backbone = Backbone("flatnet", flat, 8, PretrainedConfig(4), "x", False)
     with pytest.raises(ClinadaptError, match="dense features are not available for flatnet"):
         backbone.dense(torch.randn(1, 3, 4, 4))
+
+
+def timm_backbone(name: str, size: int = 32, **kwargs) -> Backbone:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=0, **kwargs).eval()
+    return Backbone(name, model, model.num_features, PretrainedConfig(size), "x", False)
+
+
+def assert_levels_end_in_dense(backbone: Backbone, x: torch.Tensor) -> list[torch.Tensor]:
+    levels = backbone.dense_levels(x)
+    assert torch.equal(levels[-1], backbone.dense(x))
+    assert backbone.dense_level_dims == tuple(t.shape[1] for t in levels)
+    assert backbone.dense_level_dims[-1] == backbone.dense_dim
+    assert backbone.dense_level_strides[-1] == backbone.dense_stride
+    return levels
+
+
+@pytest.mark.parametrize(
+    ("name", "dims"),
+    [
+        ("test_resnet", (32, 32, 48, 192, 96)),
+        ("test_convnext", (24, 32, 48, 64)),
+        # MobileNets and EfficientNets: the last stage's grid holds forward_features' head conv
+        ("test_efficientnet", (16, 24, 32, 48, 256)),
+        ("mobilenetv2_100", (16, 24, 32, 96, 1280)),
+    ],
+)
+def test_timm_cnn_levels_are_its_stages_fine_to_coarse_ending_in_dense(name, dims):
+    backbone = timm_backbone(name, 64)
+    levels = assert_levels_end_in_dense(backbone, batch(backbone))
+    assert backbone.dense_level_dims == dims
+    first = 64 // levels[0].shape[-1]
+    strides = [first * 2**i for i in range(len(dims))]
+    assert backbone.dense_level_strides == tuple((s, s) for s in strides)
+    for level, stride in zip(levels, strides, strict=True):
+        assert level.shape[2:] == (64 // stride, 64 // stride)
+
+
+def test_swin_levels_are_channels_first_and_end_in_the_normed_map(tiny_swin):
+    backbone = Backbone("swin", tiny_swin.eval(), 32, PretrainedConfig(32), "x", False)
+    assert_levels_end_in_dense(backbone, torch.randn(2, 3, 32, 32))
+    assert backbone.dense_level_dims == (16, 32)
+    assert backbone.dense_level_strides == ((4, 4), (8, 8))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "test_cnn"])
+def test_token_models_and_own_nets_give_one_level(built, name):
+    backbone = built[name]
+    x = batch(backbone)
+    assert len(assert_levels_end_in_dense(backbone, x)) == 1
+    assert backbone.dense_level_strides == (backbone.dense_stride,)
+
+
+def test_one_probe_measures_every_level():
+    backbone = create_backbone("test_cnn", "none")
+    calls = []
+    backbone.model.conv1.register_forward_hook(lambda *_: calls.append(1))
+    assert backbone.dense_level_dims == (32, 32, 48, 192, 96)
+    assert backbone.dense_stride == (32, 32) and backbone.dense_dim == 96
+    assert backbone.dense_level_strides == tuple((s, s) for s in (2, 4, 8, 16, 32))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "bitfit"])
+def test_levels_run_the_layers_a_method_adds(method):
+    from clinadapt.adapt import AdaptedModel, create_method
+
+    base = create_backbone("test_cnn", "none")
+    torch.manual_seed(0)
+    model = AdaptedModel(copy.deepcopy(base), 2, task="segmentation")
+    model = create_method(method).apply(model)
+    added = [p for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert added
+    with torch.no_grad():  # move the zero-initialised updates away from the identity
+        for p in added:
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    x = batch(base, 64)
+    with torch.no_grad():
+        levels = assert_levels_end_in_dense(model.backbone, x)
+        before = base.dense_levels(x)
+    assert len(levels) == 5
+    assert not torch.allclose(levels[-1], before[-1])
+    assert not torch.allclose(levels[1], before[1])  # a fine stage feels the method too
+    model.train()
+    model(x).square().mean().backward()
+    # every added layer is in the graph (timm zero-inits the last norm of a residual branch, so
+    # some receive zeros at initialisation)
+    assert all(p.grad is not None for p in added)
+    assert any(p.grad.abs().sum() > 0 for p in added)

@@ -1,9 +1,13 @@
 """Semantic segmentation: a label map per image or volume, 0 = background.
 
-The head reads the backbone's dense feature map (``Backbone.dense``) and returns logits at the
-input's size; training minimises Dice + cross-entropy (nnU-Net's loss); validation scores hard
-Dice at the network's size (cheap enough for every epoch); the test is scored per case at the
-case's own size and voxel spacing by ``clinadapt.eval.segmentation`` (Dice, IoU, HD95, NSD).
+The head reads the backbone's feature maps (``Backbone.dense_levels``: the last, coarse map of
+``dense`` and, for CNNs, the finer maps of the earlier stages) and returns logits at the input's
+size. The decoder concatenates the finer maps on its way up, as U-Net's skip connections
+(Ronneberger et al. 2015) and FPN's lateral ones (Lin et al. 2017) do: they give back the
+localisation that the stride-32 map of an ImageNet CNN has lost. Training minimises Dice +
+cross-entropy (nnU-Net's loss); validation scores hard Dice at the network's size (cheap enough
+for every epoch); the test is scored per case at the case's own size and voxel spacing by
+``clinadapt.eval.segmentation`` (Dice, IoU, HD95, NSD).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class DiceCELoss(nn.Module):
 
 
 class SegmentationTask(Task):
-    """A head on dense features; label maps scored per case (see module doc)."""
+    """A head on the backbone's feature maps; label maps scored per case (see module doc)."""
 
     name: ClassVar[str] = "segmentation"
     report_metrics: ClassVar[tuple[str, ...]] = ("dice", "hd95", "nsd")
@@ -84,10 +88,12 @@ class SegmentationTask(Task):
     def head(self, backbone: Backbone, num_classes: int, kind: str) -> nn.Module:
         from clinadapt.tasks.seg_heads import SegmentationHead
 
-        return SegmentationHead(backbone.dense_dim, num_classes, backbone.dense_stride, kind)
+        return SegmentationHead(
+            backbone.dense_level_dims, num_classes, backbone.dense_level_strides, kind
+        )
 
     def forward(self, backbone: Backbone, head: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return head(backbone.dense(images), tuple(images.shape[2:]))
+        return head(backbone.dense_levels(images), tuple(images.shape[2:]))
 
     def criterion(
         self,
