@@ -38,6 +38,9 @@ def test_few_shot_run_chooses_on_a_validation_set_within_its_budget(tmp_path):
 def test_methods_that_ignore_validation_count_only_their_support(tmp_path):
     rec = run(tmp_path, shots="2", method="knn")
     assert rec["labels_used"] == {"train": 4, "val": 0, "total": 4}
+    # resize=auto is classification's nearest, and the record names that protocol
+    assert rec["preprocessing"]["resize"] == "nearest"
+    assert rec["preprocessing"]["note"].startswith("MedMNIST v2 protocol")
 
 
 def test_full_data_run_uses_the_whole_validation_split(tmp_path):

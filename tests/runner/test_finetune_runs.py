@@ -54,6 +54,10 @@ def test_training_record_states_costs(lora_run):
     assert rec["peak_memory_mb"] > 0
     assert len(rec["history"]) == 2
     assert 0 <= rec["metrics"]["test"]["auc"] <= 1
+    # resize=auto is classification's nearest, and the record says which protocol that is
+    assert rec["preprocessing"]["resize"] == "nearest"
+    assert rec["preprocessing"]["note"].startswith("MedMNIST v2 protocol")
+    assert method["head"] == "linear"
 
 
 def test_train_refuses_to_overwrite_a_finished_run(lora_run, capsys):

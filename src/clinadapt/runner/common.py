@@ -197,3 +197,37 @@ def train_config(cfg: Any, task: Task | None = None) -> TrainConfig:
             )
         options[key] = value
     return from_dict(TrainConfig, options, where="train options")
+
+
+def save_trained(model: Any, method: Any, run_dir: Path) -> int:
+    """Write the run's adapter (main process only) and return its size in bytes (0 elsewhere)."""
+    from clinadapt.adapt.checkpoint import save_adapter
+    from clinadapt.runner.records import is_main_process
+
+    if not is_main_process():  # other ranks only need the size for the record
+        return 0
+    adapter_dir = save_adapter(model, method, run_dir / "adapter")
+    return sum(p.stat().st_size for p in adapter_dir.iterdir())
+
+
+def trained_method(
+    cfg: Any, method: Any, train_cfg: Any, model: Any, result: Any, adapter_bytes: int
+) -> dict[str, Any]:
+    """The ``method`` block of a trained run's record."""
+    from clinadapt.config import to_dict
+
+    trainable = model.trainable_parameters()
+    return {
+        "name": cfg.method,
+        "kind": "finetune",
+        "head": model.head_kind,
+        "config": to_dict(method.config),
+        "train": to_dict(train_cfg),
+        "selected": {"best_epoch": result.best_epoch},
+        "fitted_parameters": trainable,
+        "trainable_backbone_parameters": trainable
+        - sum(p.numel() for p in model.head.parameters()),
+        "trainable_percent_of_backbone": 100.0 * trainable / max(model.base_parameters, 1),
+        "adapter_bytes": adapter_bytes,
+        "stopped_early": result.stopped_early,
+    }

@@ -17,6 +17,7 @@ from clinadapt.runner.common import (
     labels_used,
     make_preprocess,
     protocol,
+    resize_mode,
     sample_support,
     sample_validation,
 )
@@ -164,12 +165,12 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     start = time.perf_counter()
     dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
     timings["load_data_s"] = time.perf_counter() - start
-    task_for(dataset.info.task)  # a dataset no task handles fails before any extraction
+    task = task_for(dataset.info.task)
 
     start = time.perf_counter()
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
     timings["load_backbone_s"] = time.perf_counter() - start
-    preprocess = make_preprocess(backbone, cfg)
+    preprocess = make_preprocess(backbone, cfg, task)
     slices = slices_volumes(dataset.info.ndim, preprocess)
     cache = FeatureCache(Path(cfg.cache_dir)) if cfg.cache_dir else FeatureCache()
     versions = {k: v for k, v in package_versions().items() if k in ("clinadapt", "torch", "timm")}
@@ -222,7 +223,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         )
         timings[f"features_{split_name}_s"] = time.perf_counter() - start
         labels[split_name] = np.asarray(split.labels)
-    preprocessing = protocol(preprocess, dataset.size, cfg.resize)
+    preprocessing = protocol(preprocess, dataset.size, resize_mode(cfg, task))
     if slices:
         preprocessing["volume_mode"] = cfg.volume_mode
         preprocessing["max_slices"] = cfg.max_slices

@@ -17,9 +17,12 @@ from clinadapt.runner.common import (
     labels_used,
     make_preprocess,
     protocol,
+    resize_mode,
     sample_support,
     sample_validation,
+    save_trained,
     train_config,
+    trained_method,
 )
 
 if TYPE_CHECKING:
@@ -29,7 +32,6 @@ if TYPE_CHECKING:
 def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg.method`` and return the run record; the adapter is saved in ``run_dir``."""
     from clinadapt.adapt import create_method
-    from clinadapt.adapt.checkpoint import save_adapter
     from clinadapt.adapt.finetune import AdaptedModel
     from clinadapt.backbones import create_backbone
     from clinadapt.data import load_dataset
@@ -38,16 +40,16 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.engine.predict import predict_proba
     from clinadapt.engine.train import train
     from clinadapt.runner.identity import run_block
-    from clinadapt.runner.records import build_record, is_main_process
+    from clinadapt.runner.records import build_record
     from clinadapt.tasks import task_for
 
     setup_start = time.perf_counter()
-    train_cfg = train_config(cfg)
     dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
     info = dataset.info
     task = task_for(info.task)
+    train_cfg = train_config(cfg, task)
     backbone = create_backbone(cfg.backbone, cfg.weights, trust_pickle=cfg.trust_pickle)
-    preprocess = make_preprocess(backbone, cfg)
+    preprocess = make_preprocess(backbone, cfg, task)
     slice_volumes = slices_volumes(info.ndim, preprocess)
     if slice_volumes and cfg.volume_mode != "axial":
         raise ConfigError(
@@ -79,12 +81,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         progress=progress,
         volume=slice_volumes,
     )
-    adapter_dir = run_dir / "adapter"
-    if is_main_process():
-        save_adapter(model, method, adapter_dir)
-    else:  # the main process writes the adapter; other ranks only need its size for the record
-        adapter_dir = None
-    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.iterdir()) if adapter_dir else 0
+    adapter_bytes = save_trained(model, method, run_dir)
     start = time.perf_counter()
     scores = predict_proba(
         model,
@@ -107,7 +104,6 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         metrics["test_ci95"] = task.bootstrap(
             test_y, scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
-    trainable = model.trainable_parameters()
     run = run_block(cfg)
     return build_record(
         "finetune",
@@ -119,23 +115,11 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         ),
         backbone=backbone_summary(backbone, cfg.weights, model.base_parameters),
         preprocessing={
-            **protocol(preprocess, dataset.size, cfg.resize),
+            **protocol(preprocess, dataset.size, resize_mode(cfg, task)),
             "precision": result.precision,
             "precision_check": result.precision_check,
         },
-        method={
-            "name": cfg.method,
-            "kind": "finetune",
-            "config": to_dict(method.config),
-            "train": to_dict(train_cfg),
-            "selected": {"best_epoch": result.best_epoch},
-            "fitted_parameters": trainable,
-            "trainable_backbone_parameters": trainable
-            - sum(p.numel() for p in model.head.parameters()),
-            "trainable_percent_of_backbone": 100.0 * trainable / model.base_parameters,
-            "adapter_bytes": adapter_bytes,
-            "stopped_early": result.stopped_early,
-        },
+        method=trained_method(cfg, method, train_cfg, model, result, adapter_bytes),
         shots={
             "requested": cfg.shots_value(),
             "actual_per_class": actual_shots,

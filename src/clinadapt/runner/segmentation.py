@@ -18,7 +18,9 @@ from clinadapt.runner.common import (
     head_kind,
     labels_used,
     make_preprocess,
+    save_trained,
     train_config,
+    trained_method,
 )
 
 if TYPE_CHECKING:
@@ -33,7 +35,6 @@ def run_segmentation(
     """Train ``cfg.method`` on ``cfg.shots`` training cases; the record's test metrics are
     per-case Dice, IoU, HD95 and NSD summarised with bootstrap intervals over cases."""
     from clinadapt.adapt import create_method
-    from clinadapt.adapt.checkpoint import save_adapter
     from clinadapt.adapt.finetune import AdaptedModel
     from clinadapt.backbones import create_backbone
     from clinadapt.data import few_shot_cases, load_dataset
@@ -76,12 +77,7 @@ def run_segmentation(
         resume=cfg.resume,
         progress=progress,
     )
-    adapter_dir = run_dir / "adapter"
-    if is_main_process():
-        save_adapter(model, method, adapter_dir)
-    adapter_bytes = (
-        sum(p.stat().st_size for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else 0
-    )
+    adapter_bytes = save_trained(model, method, run_dir)
     start = time.perf_counter()
     predictions = predict_masks(
         model,
@@ -105,7 +101,6 @@ def run_segmentation(
     test, ci = task.summarise(cases, cfg.bootstrap, cfg.seed)
     score_s = time.perf_counter() - start
     overlays = _overlays(run_dir, test_split, predictions, cases, info) if is_main_process() else {}
-    trainable = model.trainable_parameters()
     run = run_block(cfg)
     metrics: dict[str, Any] = {"test": test, "val": result.best_val}
     if ci:
@@ -132,20 +127,7 @@ def run_segmentation(
             "precision": result.precision,
             "precision_check": result.precision_check,
         },
-        method={
-            "name": cfg.method,
-            "kind": "finetune",
-            "head": model.head_kind,
-            "config": to_dict(method.config),
-            "train": to_dict(train_cfg),
-            "selected": {"best_epoch": result.best_epoch},
-            "fitted_parameters": trainable,
-            "trainable_backbone_parameters": trainable
-            - sum(p.numel() for p in model.head.parameters()),
-            "trainable_percent_of_backbone": 100.0 * trainable / max(model.base_parameters, 1),
-            "adapter_bytes": adapter_bytes,
-            "stopped_early": result.stopped_early,
-        },
+        method=trained_method(cfg, method, train_cfg, model, result, adapter_bytes),
         shots={
             "requested": cfg.shots_value(),
             "actual_cases": len(support),
