@@ -69,7 +69,14 @@ def load_sam(
     """A ``PromptableSAM`` in eval mode with the weights at ``path``; ``model.checkpoint`` says
     where they came from. ``architecture`` (a name of ``ARCHITECTURES`` or a ``SamArchitecture``)
     builds that model instead of the one the checkpoint describes, and the weights must fit it."""
-    file, config = _locate(Path(path).expanduser())
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ClinadaptError(
+            f"SAM checkpoint {path} does not exist; give a .safetensors or segment-anything .pth "
+            "file, or a folder with model.safetensors (and config.json)"
+        )
+    local = resolve_local_weights(path)
+    file, config = local.file, local.config
     state = _read(file)
     if architecture is None:
         arch = infer_architecture(state, config, source=str(file))
@@ -90,15 +97,6 @@ def load_sam(
     return model.eval()
 
 
-def _locate(path: Path) -> tuple[Path, dict[str, Any]]:
-    if path.suffix in PICKLE_SUFFIXES:
-        if not path.is_file():
-            raise ClinadaptError(f"SAM checkpoint {path} does not exist")
-        return path, {}
-    local = resolve_local_weights(path)
-    return local.file, local.config
-
-
 def _read(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix not in PICKLE_SUFFIXES:
         return read_state_dict(file)
@@ -117,7 +115,7 @@ def _check_sha256(file: Path, expected: str | None) -> CheckpointInfo:
     expected = (expected or EXPECTED_BY_NAME.get(file.name) or "").lower() or None
     if expected is not None and sha != expected:
         warnings.warn(
-            f"{file} has sha256 {sha}, not the published {expected}: it is loaded, but recorded "
+            f"{file} has sha256 {sha}, not the expected {expected}: it is loaded, but recorded "
             "as unverified (a different or corrupted file)",
             ChecksumWarning,
             stacklevel=3,
