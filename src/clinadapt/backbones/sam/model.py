@@ -10,6 +10,7 @@ dependency (``pip install 'clinadapt[medsam]'``), imported when a model is built
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -133,8 +134,6 @@ class PromptableSAM(nn.Module):
         if arch.encoder == "tinyvit":
             self.image_encoder: nn.Module = TinyViT(**arch.encoder_kwargs)
         else:
-            from functools import partial
-
             self.image_encoder = sam.modeling.ImageEncoderViT(
                 **arch.encoder_kwargs, norm_layer=partial(nn.LayerNorm, eps=1e-6)
             )
