@@ -50,6 +50,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clinadapt.backbones.sam.backbone import LiteMedSAMEncoder
 from clinadapt.backbones.unet import UNet
 from clinadapt.backbones.vit3d import VisionTransformer3d
 from clinadapt.errors import ConfigError, DataError, UnknownNameError
@@ -322,6 +323,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vit": _vit,
     "vit3d": VisionTransformer3d,
     "unet": UNet,
+    "litemedsam": LiteMedSAMEncoder,
 }
 
 
@@ -373,6 +375,7 @@ MODELS: dict[str, ModelDefaults] = {
     "test_unet3d": ModelDefaults(
         {**_V2_3D, "channels": (4, 8, 16), "features": 8}, 16, 0.0, 1.0, arch="unet", ndim=3
     ),
+    "litemedsam": ModelDefaults({}, 256, 0.0, 1.0, arch="litemedsam"),
 }
 
 

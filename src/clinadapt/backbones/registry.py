@@ -263,6 +263,16 @@ _SPECS = (
         input_size=32,
     ),
     BackboneSpec(
+        "litemedsam",
+        "clinadapt",
+        "litemedsam",
+        "",
+        "LiteMedSAM image encoder (TinyViT distilled from MedSAM, medical images), 256 px; "
+        "weights: the folder ../shared/weights/litemedsam",
+        family="vit",
+        input_size=256,
+    ),
+    BackboneSpec(
         "test_unet3d",
         "clinadapt",
         "test_unet3d",
