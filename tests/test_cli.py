@@ -352,3 +352,74 @@ def test_bench_refuses_to_set_a_grid_axis_for_every_run(tmp_path, no_work, capsy
     argv = ["bench", "--datasets", "synthetic-binary", "seed=2", "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_sam(tmp_path):
+    """A tiny TinyViT SAM saved as a weights folder, as ../shared/weights/litemedsam."""
+    from safetensors.torch import save_file
+
+    from clinadapt.backbones.sam import PromptableSAM, SamArchitecture
+
+    encoder = {
+        "in_chans": 3,
+        "embed_dims": (8, 16, 24, 32),
+        "depths": (1, 1, 1, 1),
+        "num_heads": (1, 1, 1, 1),
+        "window_sizes": (7, 4, 4, 4),
+        "mlp_ratio": 2.0,
+        "mbconv_expand_ratio": 2.0,
+        "out_chans": 16,
+    }
+    arch = SamArchitecture(
+        "tiny", "tinyvit", encoder, image_size=64, embedding_size=8, prompt_dim=16,
+        mask_in_chans=4, decoder_depth=1, decoder_mlp_dim=32, iou_head_hidden_dim=16,
+    )  # fmt: skip
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    save_file(PromptableSAM(arch).state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"image_encoder": {"img_size": 64}}))
+    return folder
+
+
+def test_segment_draws_a_box_on_an_image(tmp_path, tiny_sam, capsys):
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "scan.tif"
+    Image.fromarray(np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 20).save(image)
+    out = tmp_path / "out"
+    argv = ["segment", str(image), "--weights", str(tiny_sam), "--out", str(out), "--quiet"]
+    assert main([*argv, "--box", "5,5,30,30", "--box", "20,10,45,35", "--point", "10,10,1"]) == 2
+    assert "2 boxes and 1 group(s) of points" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv, "--box", "5,5,30,30", "--point", "10,10"]) == 0
+    assert f"listed in {out / 'segment.csv'}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["scan.png", "scan_overlay.png", "segment.csv"]
+    with Image.open(out / "scan.png") as mask:
+        assert mask.size == (50, 40) and mask.mode == "L"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "nothing to segment with: draw a box (--box x0,y0,x1,y1)"),
+        (["--box", "1,1,5,5", "--prompts", "p.csv"], "not both"),
+        (["--box", "1,1,5"], "--box '1,1,5': expected x0,y0,x1,y1 or x0,y0,z0,x1,y1,z1"),
+        (["--point", "1,2,3,4"], "--point '1,2,3,4': expected x,y[,label] on an image"),
+        (["--box", "1,1,5,5"], "--box and --point draw on one image or volume"),
+        (["--prompts", "missing.csv"], "prompt file missing.csv does not exist"),
+    ],
+)
+def test_segment_refuses_unusable_prompts_before_any_work(
+    tmp_path, monkeypatch, capsys, extra, message
+):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.png", "b.png"):
+        Image.new("L", (8, 8)).save(name)
+    inputs = ["a.png", "b.png"] if "draw on one" in message else ["a.png"]
+    assert main(["segment", *inputs, "--out", "out", "--quiet", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -417,6 +417,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from clinadapt.runner.records import check_writable
+    from clinadapt.runner.segment import prompts_from_options, segment_files
+
+    drawn = args.box or args.point
+    if drawn and args.prompts:
+        raise ConfigError(
+            "give --box/--point (one input) or --prompts FILE (prompts per file), not both"
+        )
+    if not drawn and not args.prompts:
+        raise ConfigError(
+            "nothing to segment with: draw a box (--box x0,y0,x1,y1), points (--point x,y), or "
+            "give --prompts FILE (a CSV or JSON of prompts per file)"
+        )
+    prompts = prompts_from_options(args.inputs, args.box, args.point) if drawn else args.prompts
+    check_writable(args.out, "output folder", folder=True)
+    written = segment_files(
+        args.inputs, args.out, weights=args.weights, prompts=prompts, progress=not args.quiet
+    )
+    print(f"masks and overlays written to {written.parent}, listed in {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clinadapt import __version__
     from clinadapt.runner.bench import GridConfig
@@ -553,6 +576,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "segment",
+        help="draw a box (or points) on an image or volume, get its mask: promptable "
+        "segmentation with LiteMedSAM, no training",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files (PNG, JPEG, TIFF, ...: grayscale, RGB, RGBA, 16-bit), NIfTI volumes, or "
+        "folders of them",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="SAM checkpoint: a folder with model.safetensors (and config.json), a .safetensors "
+        "file or a segment-anything .pth (default: $CLINADAPT_WEIGHTS/litemedsam)",
+    )
+    p.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="x0,y0,x1,y1",
+        help="a box in pixels (x right, y down) on the one input; repeat for several objects, "
+        "merged into one mask; on a volume x0,y0,z0,x1,y1,z1 (voxel indices), the box on every "
+        "slice z0..z1",
+    )
+    p.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="x,y[,label]",
+        help="a point on the one input, label 1 (inside, default) or 0 (outside); repeat for "
+        "more; the points describe one object, or refine the one --box; on a volume x,y,z[,label]",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="prompts per file: a CSV (file,x0,y0,x1,y1[,z0,z1] and/or file,x,y[,z],label rows) "
+        'or JSON ({"file.png": {"boxes": [[...]], "points": [[...]], "labels": [...]}}); '
+        "inputs without prompts are skipped with a warning",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: <name>.png (0/255) or <name>.nii.gz (the input's affine), "
+        "<name>_overlay.png, and segment.csv with each mask's size",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser(
         "reproduce", help="reproduce a paper's table: medmnist-v2 (ResNet-18 from scratch)"

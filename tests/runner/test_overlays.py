@@ -148,3 +148,36 @@ def test_bad_options_raise_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"written as \.png"):
         overlay_png(mask, mask, mask, tmp_path / "o.jpg", title="t", num_classes=2)
     assert not list(tmp_path.iterdir())
+
+
+def test_overlay_without_ground_truth_has_two_panels_and_draws_prompts(tmp_path):
+    image = np.random.default_rng(3).integers(0, 256, (40, 60), dtype=np.uint8)
+    pred = blob((40, 60))
+    kwargs = {"title": "scan", "num_classes": 2}
+    plain = read_png(overlay_png(image, None, pred, tmp_path / "plain", **kwargs))
+    three = read_png(overlay_png(image, pred, pred, tmp_path / "three", **kwargs))
+    assert plain.shape[1] < 0.75 * three.shape[1]  # image and prediction only
+    prompted = read_png(
+        overlay_png(
+            image,
+            None,
+            pred,
+            tmp_path / "prompted",
+            boxes=[[10, 8, 50, 30]],
+            points=[(20, 15, 1), (5, 35, 0)],
+            **kwargs,
+        )
+    )
+    assert prompted.shape == plain.shape
+    half, legend = plain.shape[1] // 2, plain.shape[0] - 40
+    for panel in (slice(0, half), slice(half, None)):  # drawn on both panels
+        assert not np.array_equal(prompted[:legend, panel], plain[:legend, panel])
+    with pytest.raises(ConfigError, match="prompts are drawn on 2D overlays"):
+        overlay_png(
+            np.zeros((3, 8, 8)),
+            None,
+            np.zeros((3, 8, 8)),
+            tmp_path / "v",
+            boxes=[[1, 1, 4, 4]],
+            **kwargs,
+        )

@@ -21,6 +21,8 @@ PERCENTILES = (1, 99)  # display range of images that are not 8-bit
 FILL_ALPHA = 0.4
 PANELS = ("image", "ground truth", "prediction")
 PANEL_INCHES = 4.0  # width of one panel, at 100 dpi
+BOX_COLOUR = "#ffd400"
+POINT_STYLES = {1: ("+", "#00e05a", "foreground point"), 0: ("x", "#ff3030", "background point")}
 
 
 def pick_cases(cases: list[dict[str, Any]], metric: str = "mean_fg_dice") -> dict[str, int]:
@@ -61,13 +63,15 @@ def pick_slice(truth: np.ndarray, pred: np.ndarray) -> int:
 
 def overlay_png(
     image: np.ndarray,
-    truth: np.ndarray,
+    truth: np.ndarray | None,
     pred: np.ndarray,
     path: Path,
     *,
     title: str,
     num_classes: int,
     labels: Sequence[str] | None = None,
+    boxes: Sequence[Sequence[float]] = (),
+    points: Sequence[Sequence[float]] = (),
 ) -> Path:
     """One PNG with three panels: the image, the image with the ground truth and the image with
     the prediction, each foreground class a semi-transparent fill with its contour in its own
@@ -77,20 +81,31 @@ def overlay_png(
     ``image`` is (H, W) or (H, W, 3) for 2D masks (H, W), or (D, H, W) for 3D masks (D, H, W),
     which show the slice ``pick_slice`` chooses, its index in the panel titles. uint8 images are
     shown as stored; others scaled to their 1st-99th percentiles. Written atomically.
+
+    Without a ground truth (``truth`` None) there are two panels, image and prediction. Prompts
+    of a 2D case are drawn on every panel: ``boxes`` as ``x0, y0, x1, y1`` and ``points`` as
+    ``x, y, label`` (1 foreground, 0 background), in pixels (x along columns).
     """
     k = check_num_classes(num_classes)
     names = _class_names(labels, k)
     path = output_path(path, ".png")
-    img, t, p = np.asarray(image), np.asarray(truth), np.asarray(pred)
-    _check_shapes(img, t, p, path)
-    t = check_labels(f"the ground truth for {path}", t, k)
+    img, p = np.asarray(image), np.asarray(pred)
+    t = None if truth is None else np.asarray(truth)
+    _check_shapes(img, p if t is None else t, p, path)
     p = check_labels(f"the prediction for {path}", p, k)
+    t = None if t is None else check_labels(f"the ground truth for {path}", t, k)
+    if p.ndim == 3 and (len(boxes) or len(points)):
+        raise ConfigError(f"{path}: prompts are drawn on 2D overlays; pass the slice they are on")
     shown = _display(img, path)
     where = ""
-    if t.ndim == 3:
-        z = pick_slice(t, p)
-        where = f", slice {z} of {len(t)}"
-        shown, t, p = shown[z], t[z], p[z]
+    if p.ndim == 3:
+        z = pick_slice(p if t is None else t, p)
+        where = f", slice {z} of {len(p)}"
+        shown, p = shown[z], p[z]
+        t = None if t is None else t[z]
+    panels = dict(zip(PANELS, (None, t, p), strict=True))
+    if t is None:
+        del panels["ground truth"]
 
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -98,21 +113,23 @@ def overlay_png(
 
     cmap = colormaps["tab10" if k <= 11 else "tab20"]
     colours = [cmap(c % cmap.N)[:3] for c in range(k - 1)]  # colours[c - 1] is class c's
-    h, w = t.shape
+    h, w = p.shape
     height = min(max(PANEL_INCHES * h / w, 1.0), 3 * PANEL_INCHES) + 1.1  # + title and legend
-    fig = Figure(figsize=(3 * PANEL_INCHES + 0.3, height))
+    fig = Figure(figsize=(len(panels) * PANEL_INCHES + 0.3, height))
     fig.subplots_adjust(
         left=0.01, right=0.99, bottom=0.45 / height, top=1 - 0.65 / height, wspace=0.04
     )
-    for ax, panel, mask in zip(fig.subplots(1, 3), PANELS, (None, t, p), strict=True):
+    for ax, (panel, mask) in zip(fig.subplots(1, len(panels)), panels.items(), strict=True):
         ax.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         if mask is not None:
             _draw_mask(ax, mask, colours)
+        prompt_handles = _draw_prompts(ax, boxes, points)
         ax.set_title(panel + where)
         ax.set_axis_off()
     fig.suptitle(title)
     handles = [Patch(color=colours[c - 1], label=f"{c}: {names[c]}") for c in range(1, k)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(k - 1, 6), frameon=False)
+    handles += prompt_handles
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     write_bytes_atomic(path, buffer.getvalue())
@@ -165,6 +182,33 @@ def _display(image: np.ndarray, path: Path) -> np.ndarray:
     if hi <= lo:
         return np.zeros_like(a, dtype=np.float32)
     return ((np.clip(a, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _draw_prompts(
+    ax: Any, boxes: Sequence[Sequence[float]], points: Sequence[Sequence[float]]
+) -> list[Any]:
+    """Boxes as outlines, points as markers (+ foreground, x background); the legend's entries
+    for what was drawn."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    handles: list[Any] = []
+    limits = ax.get_xlim(), ax.get_ylim()  # markers must not widen the view
+    for x0, y0, x1, y1 in boxes:
+        ax.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOUR, linewidth=1.5)
+        )
+    if len(boxes):
+        handles.append(Line2D([], [], color=BOX_COLOUR, linewidth=1.5, label="box prompt"))
+    for label, (marker, colour, name) in POINT_STYLES.items():
+        xy = [(x, y) for x, y, lab in points if int(lab) == label]
+        if xy:
+            style = {"marker": marker, "color": colour, "markersize": 9, "markeredgewidth": 2.5}
+            ax.plot(*zip(*xy, strict=True), linestyle="none", **style)
+            handles.append(Line2D([], [], linestyle="none", label=name, **style))
+    ax.set_xlim(limits[0])
+    ax.set_ylim(limits[1])
+    return handles
 
 
 def _draw_mask(ax: Any, mask: np.ndarray, colours: list[tuple[float, ...]]) -> None:
