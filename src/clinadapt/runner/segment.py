@@ -34,9 +34,6 @@ DEFAULT_WEIGHTS = "litemedsam"  # folder under $CLINADAPT_WEIGHTS
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 OVERLAY_SIDE = 1024  # longest side of the picture an overlay is drawn from (panels are 400 px)
 PROMPT_KEYS = ("boxes", "points", "labels")
-CSV_BOX = ("x0", "y0", "x1", "y1")
-CSV_POINT = ("x", "y")
-CSV_COLUMNS = ("file", *CSV_BOX, "z0", "z1", *CSV_POINT, "z", "label")
 
 Prompts = Mapping[str, Mapping[str, Sequence[Any]]]  # file -> {"boxes", "points", "labels"}
 
@@ -287,7 +284,7 @@ def segment_files(
 
     ``inputs`` are image files (PNG, JPEG, TIFF, ...), NIfTI volumes or folders of them (found
     recursively, leaving out files in an ``out_dir`` inside them). ``prompts`` is a CSV or JSON
-    file (``read_prompts``) or the mapping a JSON file holds, ``{file: {"boxes": [...],
+    file (``prompt_files.read_prompts``) or the mapping a JSON file holds, ``{file: {"boxes": [...],
     "points": [...], "labels": [...]}}``, where a file is named by its path as given, its path
     inside a given folder or its file name. A prompt for a file that is not an input is an error; an
     input without prompts is skipped with a warning and listed as skipped, so one prompt file
@@ -303,6 +300,7 @@ def segment_files(
     from tqdm.auto import tqdm
 
     from clinadapt.backbones.sam import load_sam
+    from clinadapt.runner.prompt_files import read_prompts
     from clinadapt.runner.records import write_bytes_atomic
 
     out = Path(out_dir)
@@ -559,90 +557,6 @@ def _option(text: str, flag: str, lengths: tuple[int, int], form: str) -> list[f
     if len(values) not in lengths:
         raise ConfigError(f"{flag} {text!r}: expected {form} (comma-separated numbers)")
     return values
-
-
-PROMPT_FORMATS = (
-    "a prompt CSV has a file column and x0, y0, x1, y1 (a box; with z0, z1 on a volume) and/or "
-    "x, y (a point; z on a volume, label 1 foreground or 0 background), one box or point a row"
-)
-
-
-def read_prompts(path: str | Path) -> dict[str, dict[str, list]]:
-    """Prompts per file from a CSV (``PROMPT_FORMATS``; several rows of one file are several
-    boxes, or the points of one object) or a JSON file ``{file: {"boxes": [[x0, y0, x1, y1],
-    ...], "points": [[x, y], ...], "labels": [1, ...]}}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prompt file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".json"):
-        raise ConfigError(f"prompt file {path}: give a .csv or .json file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read the prompt file {path} ({err})") from None
-    return _read_csv(text, path) if suffix == ".csv" else _read_json(text, path)
-
-
-def _read_json(text: str, path: Path) -> dict[str, dict[str, list]]:
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise DataError(f"cannot read the prompt file {path} as JSON ({err})") from None
-    if not isinstance(data, dict) or not data:
-        raise DataError(
-            f'{path}: expected {{"file.png": {{"boxes": [[x0, y0, x1, y1]], "points": [[x, y]], '
-            f'"labels": [1]}}, ...}}, got {type(data).__name__}'
-        )
-    return data
-
-
-def _read_csv(text: str, path: Path) -> dict[str, dict[str, list]]:
-    reader = csv.DictReader(io.StringIO(text))
-    try:
-        reader.fieldnames = [h.strip().lower() for h in reader.fieldnames or []]
-        rows = list(reader)
-    except csv.Error as err:
-        raise DataError(f"cannot read the prompt file {path} as CSV ({err})") from None
-    header = reader.fieldnames
-    unknown = [h for h in header if h not in CSV_COLUMNS]
-    drawable = set(CSV_BOX) <= set(header) or set(CSV_POINT) <= set(header)
-    if unknown or "file" not in header or not drawable:
-        found = f"unknown columns {unknown}" if unknown else f"columns {header}"
-        raise DataError(f"{path}: {found}; {PROMPT_FORMATS}")
-    prompts: dict[str, dict[str, list]] = {}
-    for n, row in enumerate(rows, start=2):
-        if None in row:
-            raise DataError(f"{path} row {n} has more cells than the header")
-        cells = {k: (v or "").strip() for k, v in row.items()}
-        if not cells["file"]:
-            raise DataError(f"{path} row {n} names no file")
-        entry = prompts.setdefault(cells["file"], {"boxes": [], "points": [], "labels": []})
-        box = any(cells.get(c) for c in (*CSV_BOX, "z0", "z1"))
-        point = any(cells.get(c) for c in (*CSV_POINT, "z", "label"))
-        if not box and not point:
-            raise DataError(f"{path} row {n} has neither a box nor a point; {PROMPT_FORMATS}")
-        if box:
-            columns = ("x0", "y0", "z0", "x1", "y1", "z1")
-            if not (cells.get("z0") or cells.get("z1")):
-                columns = CSV_BOX
-            entry["boxes"].append([_cell(cells, c, path, n) for c in columns])
-        if point:
-            columns = (*CSV_POINT, "z") if cells.get("z") else CSV_POINT
-            entry["points"].append([_cell(cells, c, path, n) for c in columns])
-            entry["labels"].append(_cell(cells, "label", path, n) if cells.get("label") else 1)
-    if not prompts:
-        raise DataError(f"{path} has no rows; {PROMPT_FORMATS}")
-    return prompts
-
-
-def _cell(cells: dict[str, str], column: str, path: Path, row: int) -> float:
-    value = cells.get(column, "")
-    try:
-        return float(value)
-    except ValueError:
-        problem = "is empty" if not value else f"{value!r} is not a number"
-        raise DataError(f"{path} row {row}: {column} {problem}; {PROMPT_FORMATS}") from None
 
 
 def _match_prompts(
