@@ -67,10 +67,13 @@ def main() -> None:
     parser.add_argument(
         "--models", default="", help="run only models whose name contains one of these (a,b)"
     )
+    parser.add_argument(
+        "--summarise-only", action="store_true", help="write the JSON and report, run nothing"
+    )
     args = parser.parse_args()
     weights = default_weights("mobilenetv2_100")
     out = Path(args.out)
-    for dataset in args.datasets.split(","):
+    for dataset in [] if args.summarise_only else args.datasets.split(","):
         for shots in args.shots.split(","):
             for name, spec in models(dataset, weights).items():
                 wanted = [m for m in args.models.split(",") if m]
@@ -108,7 +111,7 @@ def main() -> None:
                 },
                 "loss": "Dice + cross-entropy; the best validation-Dice epoch is kept",
                 "weights": weights,
-                "seeds": args.seeds,
+                "seeds": "per row (seeds 0, 1, ... as far as run)",
                 "records": str(out),
             },
             "rows": [_row(r, records) for r in rows if r["dataset"] in args.datasets.split(",")],
