@@ -133,10 +133,10 @@ def test_scores_are_per_pixel_class_probabilities():
 
 def test_head_and_forward_give_logits_at_the_input_size():
     class Dense(nn.Module):
-        dense_dim, dense_stride = 6, (4, 4)
+        dense_level_dims, dense_level_strides = (6,), ((4, 4),)
 
-        def dense(self, images):
-            return images.mean(dim=1, keepdim=True).expand(-1, 6, -1, -1)[..., ::4, ::4]
+        def dense_levels(self, images):
+            return [images.mean(dim=1, keepdim=True).expand(-1, 6, -1, -1)[..., ::4, ::4]]
 
     backbone = Dense()
     head = TASK.head(backbone, 3, "linear")
