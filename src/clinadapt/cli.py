@@ -221,6 +221,7 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from clinadapt.adapt import METHODS
     from clinadapt.runner.experiment import ExperimentConfig, run_experiment
     from clinadapt.runner.records import (
         check_writable,
@@ -243,6 +244,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"{out} exists; add --force to replace it or choose another --out"
                 )
+            if METHODS.get(cfg.method).kind == "prompted":  # overlays where reports look
+                run_dir = out.with_suffix("")
     record = run_experiment(cfg, run_dir=run_dir, progress=not args.quiet)
     if out:
         write_json_atomic(out, record)
@@ -474,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "run",
             "write the JSON record here (an existing file is kept unless --force)",
-            "run one experiment of a frozen-feature method (YAML file and/or options)",
+            "run one experiment of a frozen-feature or prompted method (YAML file and/or options)",
         ),
         (
             "train",

@@ -1,8 +1,10 @@
 """Adaptation methods registered by name (importing this package registers them all).
 
-Two kinds share ``METHODS``: ``frozen`` methods (``FrozenFeatureMethod``: k-NN, prototypes, linear
+Three kinds share ``METHODS``: ``frozen`` methods (``FrozenFeatureMethod``: k-NN, prototypes, linear
 probe) fit on frozen features; ``finetune`` methods (``FineTuneMethod``: full, bitfit, lora,
-adapter, vpt) decide which parameters of an ``AdaptedModel`` (backbone + new head) train.
+adapter, vpt) decide which parameters of an ``AdaptedModel`` (backbone + new head) train;
+``prompted`` methods (``PromptedMethod``: sam_box, sam_point, sam_box_point, box_mask) segment
+from oracle prompts without training.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from clinadapt.adapt import (  # noqa: F401  (registration on import)
     knn,
     linear,
     lora,
+    prompted,
     prototype,
     vpt,
 )
 from clinadapt.adapt.base import METHODS, FrozenFeatureMethod
 from clinadapt.adapt.checkpoint import load_adapted, save_adapter
 from clinadapt.adapt.finetune import AdaptedModel, FineTuneMethod
+from clinadapt.adapt.prompted import PromptedMethod
 from clinadapt.config import from_dict
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "AdaptedModel",
     "FineTuneMethod",
     "FrozenFeatureMethod",
+    "PromptedMethod",
     "create_method",
     "load_adapted",
     "save_adapter",
@@ -38,10 +43,10 @@ __all__ = [
 
 def create_method(
     name: str, options: dict[str, Any] | None = None
-) -> FrozenFeatureMethod | FineTuneMethod:
+) -> FrozenFeatureMethod | FineTuneMethod | PromptedMethod:
     """A method by registered name, configured from ``options`` (unknown keys are ConfigErrors).
 
-    ``method.kind`` says which interface it has: ``frozen`` or ``finetune``.
+    ``method.kind`` says which interface it has: ``frozen``, ``finetune`` or ``prompted``.
     """
     cls = METHODS.get(name)
     return cls(from_dict(cls.config_cls, options or {}, where=f"method {name.lower()!r}"))

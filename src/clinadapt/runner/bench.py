@@ -309,10 +309,12 @@ def _run_one(
     bundles: dict[str, FeatureBundle | Exception],
     progress: bool,
 ) -> dict[str, Any]:
-    """One run of the grid; frozen-feature runs share the features held in ``bundles``."""
-    if method_kind(cfg.method) == "finetune":
+    """One run of the grid; frozen-feature runs share the features held in ``bundles``; trained
+    and prompted runs keep their files in the folder named like the record."""
+    kind = method_kind(cfg.method)
+    if kind in ("finetune", "prompted"):
         run_dir = path.with_suffix("")
-        cfg.resume = (run_dir / "checkpoint").exists()
+        cfg.resume = kind == "finetune" and (run_dir / "checkpoint").exists()
         return run_experiment(cfg, run_dir=run_dir, progress=progress)
     key = bundle_key(cfg)
     if key not in bundles:

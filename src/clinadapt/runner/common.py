@@ -231,3 +231,23 @@ def trained_method(
         "adapter_bytes": adapter_bytes,
         "stopped_early": result.stopped_early,
     }
+
+
+def case_targets(split: Any, num_classes: int) -> Any:
+    """The ground truth of a segmentation split as ``SegmentationTask.score_cases`` takes it:
+    masks at each case's own size with their spacing and ids."""
+    from clinadapt.tasks.segmentation import CaseTargets
+
+    meta = split.meta or [{} for _ in range(len(split))]
+    return CaseTargets(
+        masks=split.labels,
+        num_classes=num_classes,
+        spacing=[m.get("spacing") for m in meta],
+        ids=[str(m.get("id", i)) for i, m in enumerate(meta)],
+    )
+
+
+def count_empty(masks: Any, picked: np.ndarray) -> int:
+    """Cases without foreground among ``picked``: they train and score like any other (Dice
+    conventions in ``clinadapt.eval.segmentation``), and the record says how many there were."""
+    return sum(int(not np.any(masks[int(i)])) for i in picked)

@@ -319,27 +319,30 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
 
 
 def check_frozen_options(cfg: ExperimentConfig) -> None:
-    """Training options and ``resume`` given to a frozen-feature method would be ignored: say so
-    instead."""
+    """Training options and ``resume`` given to a frozen-feature or prompted method would be
+    ignored: say so instead."""
     from clinadapt.adapt import METHODS
     from clinadapt.errors import ConfigError
 
     trained = ", ".join(n for n in METHODS.names() if METHODS.get(n).kind == "finetune")
+    what = {"prompted": "segments from prompts without training"}.get(
+        METHODS.get(cfg.method).kind, "fits on frozen features"
+    )
     if cfg.train:
         given = ", ".join(f"train.{key}" for key in cfg.train)
         raise ConfigError(
             f"{given}: training options only apply to gradient-based methods "
-            f"({trained}); {cfg.method!r} fits on frozen features, so drop them"
+            f"({trained}); {cfg.method!r} {what}, so drop them"
         )
     if cfg.resume:
         raise ConfigError(
-            f"--resume only applies to trained runs ({trained}); {cfg.method!r} fits "
-            "on frozen features, so drop it"
+            f"--resume only applies to trained runs ({trained}); {cfg.method!r} {what}, so drop it"
         )
 
 
 def method_kind(name: str) -> str:
-    """'frozen' (features only) or 'finetune' (gradient updates)."""
+    """'frozen' (features only), 'finetune' (gradient updates) or 'prompted' (zero-shot
+    promptable segmentation)."""
     from clinadapt.adapt import METHODS
 
     return METHODS.get(name).kind
@@ -348,10 +351,16 @@ def method_kind(name: str) -> str:
 def run_experiment(
     cfg: ExperimentConfig, *, run_dir: Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """One run; gradient-based methods need ``run_dir`` for checkpoints and the adapter."""
+    """One run; gradient-based methods need ``run_dir`` for checkpoints and the adapter,
+    prompted ones write their overlays there when given one."""
     from clinadapt.errors import ConfigError
     from clinadapt.runner.common import dataset_task
 
+    if method_kind(cfg.method) == "prompted":
+        from clinadapt.runner.prompted import run_prompted
+
+        check_frozen_options(cfg)
+        return run_prompted(cfg, run_dir, progress=progress)
     dense = dataset_task(cfg).dense_targets
     if method_kind(cfg.method) == "finetune":
         from clinadapt.runner.finetune import run_finetune

@@ -23,6 +23,7 @@ PANELS = ("image", "ground truth", "prediction")
 PANEL_INCHES = 4.0  # width of one panel, at 100 dpi
 BOX_COLOUR = "#ffd400"
 POINT_STYLES = {1: ("+", "#00e05a", "foreground point"), 0: ("x", "#ff3030", "background point")}
+OVERLAY_METRIC = "mean_fg_dice"
 
 
 def pick_cases(cases: list[dict[str, Any]], metric: str = "mean_fg_dice") -> dict[str, int]:
@@ -48,6 +49,28 @@ def pick_cases(cases: list[dict[str, Any]], metric: str = "mean_fg_dice") -> dic
 
     order = sorted(range(len(cases)), key=rank)
     return {"best": order[0], "median": order[(len(order) - 1) // 2], "worst": order[-1]}
+
+
+def case_overlays(
+    run_dir: Path, split: Any, predictions: Sequence[np.ndarray], cases: list[dict], info: Any
+) -> dict[str, str]:
+    """Pictures of a run's best, median and worst test case by mean foreground Dice, in
+    ``run_dir/overlays``; returns which -> file relative to ``run_dir`` (the record's
+    ``overlays``)."""
+    out = {}
+    for which, i in pick_cases(cases, OVERLAY_METRIC).items():
+        value = cases[i][OVERLAY_METRIC]
+        path = overlay_png(
+            np.asarray(split.images[i]),
+            np.asarray(split.labels[i]),
+            predictions[i],
+            run_dir / "overlays" / f"{which}.png",
+            title=f"{which}: {cases[i]['id']} (Dice {value:.3f})",
+            num_classes=info.num_classes,
+            labels=info.labels,
+        )
+        out[which] = str(path.relative_to(run_dir))
+    return out
 
 
 def pick_slice(truth: np.ndarray, pred: np.ndarray) -> int:

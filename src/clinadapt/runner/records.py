@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 2  # 2: run identity, labels used, setup and run time apart
-KINDS = ("frozen", "finetune", "pretrain")
+KINDS = ("frozen", "finetune", "prompted", "pretrain")
 PACKAGES = ("clinadapt", "torch", "torchvision", "timm", "numpy", "scikit-learn", "safetensors")
 
 

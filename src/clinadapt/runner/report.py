@@ -581,6 +581,16 @@ def notes(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str
         )
     if "segmentation" in tasks:
         out.append(_segmentation_note([r for r in rows if r["task"] == "segmentation"]))
+    prompted = sorted(
+        {r["config"]["method"] for r in _usable(records) if r.get("kind") == "prompted"}
+    )
+    if prompted:
+        out.append(
+            f"{', '.join(prompted)}: zero-shot promptable segmentation with oracle prompts, boxes"
+            " and points drawn from each test case's ground truth (see each record's 'prompts'):"
+            " what the model does given the objects' true extent, an upper bound for prompts a"
+            " user would draw; they use no labelled training images."
+        )
     out += [
         "Rows marked 'untrained control' use randomly initialised weights: they are a baseline,"
         " not a foundation model.",

@@ -14,6 +14,8 @@ from clinadapt.config import to_dict
 from clinadapt.errors import ConfigError
 from clinadapt.runner.common import (
     backbone_summary,
+    case_targets,
+    count_empty,
     dataset_summary,
     head_kind,
     labels_used,
@@ -25,8 +27,6 @@ from clinadapt.runner.common import (
 
 if TYPE_CHECKING:
     from clinadapt.runner.experiment import ExperimentConfig
-
-OVERLAY_METRIC = "mean_fg_dice"
 
 
 def run_segmentation(
@@ -41,9 +41,9 @@ def run_segmentation(
     from clinadapt.engine.predict import predict_masks
     from clinadapt.engine.train import train
     from clinadapt.runner.identity import run_block
+    from clinadapt.runner.overlays import case_overlays
     from clinadapt.runner.records import build_record, is_main_process
     from clinadapt.tasks import task_for
-    from clinadapt.tasks.segmentation import CaseTargets
 
     setup_start = time.perf_counter()
     dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
@@ -89,18 +89,14 @@ def run_segmentation(
         progress=progress,
     )
     predict_s = time.perf_counter() - start
-    meta = test_split.meta or [{} for _ in range(len(test_split))]
-    targets = CaseTargets(
-        masks=test_split.labels,
-        num_classes=info.num_classes,
-        spacing=[m.get("spacing") for m in meta],
-        ids=[str(m.get("id", i)) for i, m in enumerate(meta)],
-    )
+    targets = case_targets(test_split, info.num_classes)
     start = time.perf_counter()
     cases = task.score_cases(predictions, targets)
     test, ci = task.summarise(cases, cfg.bootstrap, cfg.seed)
     score_s = time.perf_counter() - start
-    overlays = _overlays(run_dir, test_split, predictions, cases, info) if is_main_process() else {}
+    overlays = (
+        case_overlays(run_dir, test_split, predictions, cases, info) if is_main_process() else {}
+    )
     run = run_block(cfg)
     metrics: dict[str, Any] = {"test": test, "val": result.best_val}
     if ci:
@@ -115,9 +111,9 @@ def run_segmentation(
                 info, {k: len(v) for k, v in dataset.splits.items()}, dict(dataset.provenance)
             ),
             "empty_masks": {
-                "train": _empty(train_split.labels, support),
-                "val": _empty(val_split.labels, val_picked),
-                "test": _empty(test_split.labels, np.arange(len(test_split))),
+                "train": count_empty(train_split.labels, support),
+                "val": count_empty(val_split.labels, val_picked),
+                "test": count_empty(test_split.labels, np.arange(len(test_split))),
             },
         },
         backbone=backbone_summary(backbone, cfg.weights, model.base_parameters),
@@ -167,12 +163,6 @@ def _slices(data_ndim: int, network_ndim: int, cfg: ExperimentConfig) -> bool:
     return False
 
 
-def _empty(masks: Any, picked: np.ndarray) -> int:
-    """Cases without foreground among ``picked``: they train and score like any other (Dice
-    conventions in ``clinadapt.eval.segmentation``), and the record says how many there were."""
-    return sum(int(not np.any(masks[int(i)])) for i in picked)
-
-
 def _capped(budget: int | str, n: int) -> int | str:
     """A validation budget larger than the split takes the whole split."""
     return "all" if budget == "all" or int(budget) >= n else budget
@@ -188,25 +178,3 @@ def _cases(split: Any, picked: np.ndarray, slices: bool) -> tuple[Any, Any]:
         return images, masks
     depths = [int(split.meta[i]["shape"][0]) for i in picked]
     return VolumeSlices(images, depths), VolumeSlices(masks, depths)
-
-
-def _overlays(
-    run_dir: Path, split: Any, predictions: list, cases: list[dict], info: Any
-) -> dict[str, str]:
-    """Pictures of the best, median and worst test case by mean foreground Dice."""
-    from clinadapt.runner.overlays import overlay_png, pick_cases
-
-    out = {}
-    for which, i in pick_cases(cases, OVERLAY_METRIC).items():
-        value = cases[i][OVERLAY_METRIC]
-        path = overlay_png(
-            np.asarray(split.images[i]),
-            np.asarray(split.labels[i]),
-            predictions[i],
-            run_dir / "overlays" / f"{which}.png",
-            title=f"{which}: {cases[i]['id']} (Dice {value:.3f})",
-            num_classes=info.num_classes,
-            labels=info.labels,
-        )
-        out[which] = str(path.relative_to(run_dir))
-    return out

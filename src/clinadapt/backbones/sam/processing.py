@@ -104,7 +104,12 @@ class ImageFrame:
         return torch.from_numpy(p * self.scale).float(), torch.from_numpy(lab.astype(np.int64))
 
     def masks(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, 1, s, s) low-resolution logits -> (N, H, W) boolean masks of the original image.
+        """(N, 1, s, s) low-resolution logits -> (N, H, W) boolean masks of the original image."""
+        return self.logits(logits) > 0
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, 1, s, s) low-resolution logits -> (N, H, W) float logits on the original image
+        (``masks`` thresholds them at 0; masks of several prompts compare them).
 
         Logits smaller than the encoder's frame (SAM ViT: 256 for 1024) are first resized to it
         so the unpadded region is cropped exactly."""
@@ -117,7 +122,7 @@ class ImageFrame:
         x = F.interpolate(
             x[..., :rh, :rw], self.original_size, mode="bilinear", align_corners=False
         )
-        return x[:, 0] > 0
+        return x[:, 0]
 
 
 def _as_float(values: ArrayLike, what: str) -> np.ndarray:
