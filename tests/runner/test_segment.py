@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from clinadapt.backbones.sam import PromptableSAM, SamArchitecture, load_sam, preprocess
+from backbones.test_sam import TINY_TINYVIT, randomized, save_folder  # tests/ is on the path
+from clinadapt.backbones.sam import load_sam, preprocess
 from clinadapt.errors import ClinadaptError, ConfigError, DataError
 from clinadapt.runner.segment import (
     SEGMENT_CSV,
@@ -26,28 +26,6 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 LITEMEDSAM_DIR = SHARED / "weights" / "litemedsam"
 KVASIR = SHARED / "data" / "kvasir_seg"
 
-TINY = SamArchitecture(
-    "tiny_tinyvit",
-    "tinyvit",
-    {
-        "in_chans": 3,
-        "embed_dims": (8, 16, 24, 32),
-        "depths": (1, 1, 2, 1),
-        "num_heads": (2, 2, 3, 4),
-        "window_sizes": (7, 5, 4, 3),
-        "mlp_ratio": 2.0,
-        "mbconv_expand_ratio": 2.0,
-        "out_chans": 32,
-    },
-    image_size=64,
-    embedding_size=8,
-    prompt_dim=32,
-    mask_in_chans=4,
-    decoder_depth=1,
-    decoder_mlp_dim=64,
-    decoder_heads=2,
-    iou_head_hidden_dim=16,
-)
 CONFIG = {"image_encoder": {"img_size": 64}, "mask_decoder": {"transformer": {"num_heads": 2}}}
 
 
@@ -58,26 +36,8 @@ def _threads(one_thread):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """A weights folder as ../shared/weights/litemedsam, with every tensor random (scaled by
-    fan-in, so the image and the prompts show in the masks)."""
-    gen = torch.Generator().manual_seed(0)
-    model = PromptableSAM(TINY)
-    state = {}
-    for name, t in model.state_dict().items():
-        if t.is_floating_point():
-            noise = torch.randn(t.shape, generator=gen)
-            if name.endswith("running_var"):
-                t = 1 + 0.2 * noise.abs()
-            elif t.ndim >= 2:
-                t = noise * t[0].numel() ** -0.5
-            else:
-                t = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
-        state[name] = t.contiguous()
-    folder = tmp_path_factory.mktemp("weights") / "tiny"
-    folder.mkdir()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    return folder
+    """A weights folder as ../shared/weights/litemedsam, with every tensor random."""
+    return save_folder(randomized(TINY_TINYVIT), tmp_path_factory.mktemp("w") / "sam", CONFIG)
 
 
 @pytest.fixture(scope="module")
