@@ -148,6 +148,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         if not METHODS.names(args.pattern) + SSL_METHODS.names(args.pattern):
             raise _no_match("method", args.pattern, METHODS.names() + SSL_METHODS.names())
+        width = max(len(n) for n in METHODS.names() + SSL_METHODS.names())
         for title, registry in (
             ("adaptation", METHODS),
             ("pretraining (clinadapt pretrain)", SSL_METHODS),
@@ -161,7 +162,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
                     for f in dataclasses.fields(cls.config_cls)
                 )
-                print(f"{name:12s} {cls.description}\n{'':12s} options: {options}")
+                print(f"{name:{width}s} {cls.description}\n{'':{width}s} options: {options}")
     return 0
 
 
