@@ -180,17 +180,19 @@ def _located(name: str, data_root: str | None) -> str:
 def _check_method(cfg: Any, command: str) -> None:
     """Options that the method would ignore, or a method that ``run`` cannot keep, are errors."""
     from clinadapt.adapt import METHODS
+    from clinadapt.runner.experiment import trains
 
-    if METHODS.get(cfg.method).kind == "finetune":
+    if trains(cfg.method):
         if command == "run":
             raise ConfigError(
                 f"method {cfg.method!r} trains a model, which `clinadapt run` does not keep: use "
                 "`clinadapt train --out RUN_DIR` with the same options (it writes the record, "
                 "checkpoints and adapter into RUN_DIR)"
             )
-        from clinadapt.runner.common import train_config
+        if METHODS.get(cfg.method).kind == "finetune":
+            from clinadapt.runner.common import train_config
 
-        train_config(cfg)  # bad training options fail before any data is read
+            train_config(cfg)  # bad training options fail before any data is read
         return
     from clinadapt.runner.experiment import check_frozen_options
 

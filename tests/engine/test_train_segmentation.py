@@ -140,7 +140,7 @@ def test_classification_options_are_refused(tmp_path, options, match):
 
 def test_a_plain_preprocess_is_refused_for_masks(tmp_path):
     config = TrainConfig(**{**FAST, "epochs": 1})
-    with pytest.raises(ConfigError, match="SegmentationPreprocess, not Preprocess"):
+    with pytest.raises(ConfigError, match="PairPreprocess .*, not Preprocess"):
         train(
             unet(),
             squares(4, 0),

@@ -3,8 +3,9 @@
 Three kinds share ``METHODS``: ``frozen`` methods (``FrozenFeatureMethod``: k-NN, prototypes, linear
 probe) fit on frozen features; ``finetune`` methods (``FineTuneMethod``: full, bitfit, lora,
 adapter, vpt) decide which parameters of an ``AdaptedModel`` (backbone + new head) train;
-``prompted`` methods (``PromptedMethod``: sam_box, sam_point, sam_box_point, box_mask) segment
-from oracle prompts without training.
+``prompted`` methods (``PromptedMethod``) segment from oracle prompts: without training (sam_box,
+sam_point, sam_box_point, box_mask) or after training the SAM on prompts from a few labelled
+images (sam_decoder, sam_lora, sam_full).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from clinadapt.adapt import (  # noqa: F401  (registration on import)
     linear,
     lora,
     prompted,
+    prompted_tuning,
     prototype,
     vpt,
 )

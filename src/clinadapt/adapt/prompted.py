@@ -122,6 +122,8 @@ class PromptedMethod:
     prompt: ClassVar[str]
     box: ClassVar[bool] = True
     uses_model: ClassVar[bool] = True
+    trains: ClassVar[bool] = False
+    """Whether the model trains on labelled images first (``prompted_tuning``)."""
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

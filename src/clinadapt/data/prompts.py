@@ -28,6 +28,7 @@ __all__ = [
     "box_of",
     "jitter_box",
     "negative_points",
+    "object_prompt",
     "objects",
     "oracle_prompts",
     "positive_points",
@@ -171,20 +172,31 @@ def oracle_prompts(
         if value < 0:
             raise DataError(f"{name} must not be negative, got {value}")
     rng = rng if rng is not None else np.random.default_rng(0)
-    prompts = []
-    for label, region in objects(mask, instances):
-        box = jitter_box(box_of(region), mask.shape, jitter, rng)
-        inside = positive_points(region, points, rng)
-        outside = negative_points(box, region, negatives, rng)
-        prompts.append(
-            Prompt(
-                label,
-                box,
-                np.concatenate([inside, outside]),
-                np.array([1] * len(inside) + [0] * len(outside), dtype=np.int64),
-            )
-        )
-    return prompts
+    return [
+        object_prompt(label, region, jitter=jitter, points=points, negatives=negatives, rng=rng)
+        for label, region in objects(mask, instances)
+    ]
+
+
+def object_prompt(
+    label: int,
+    region: np.ndarray,
+    *,
+    jitter: int,
+    points: int,
+    negatives: int,
+    rng: np.random.Generator,
+) -> Prompt:
+    """The ``Prompt`` of one object of class ``label`` covering the 2D ``region``."""
+    box = jitter_box(box_of(region), region.shape, jitter, rng)
+    inside = positive_points(region, points, rng)
+    outside = negative_points(box, region, negatives, rng)
+    return Prompt(
+        label,
+        box,
+        np.concatenate([inside, outside]),
+        np.array([1] * len(inside) + [0] * len(outside), dtype=np.int64),
+    )
 
 
 def slice_prompts(

@@ -5,6 +5,7 @@ upsampled with nearest neighbour, MedMNIST+ zero-padded), so it is explicit and 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "PAIR_RESIZE_MODES",
     "RESIZE_MODES",
     "VOLUME_RESIZE_MODES",
+    "PairPreprocess",
     "PairResize",
     "Preprocess",
     "VolumePreprocess",
@@ -305,8 +307,24 @@ class PairResize:
         }
 
 
+class PairPreprocess(ABC):
+    """Images and their masks to a network batch together: ``(images, masks) -> (x, y)``, x
+    (B, C, *shape) float32 and y (B, *shape) int64 (zeros without ``masks``)."""
+
+    ndim: int
+
+    @abstractmethod
+    def __call__(
+        self, images: list[np.ndarray], masks: list[np.ndarray] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What a run record needs to say how cases and masks reached the network."""
+
+
 @dataclass(frozen=True)
-class SegmentationPreprocess:
+class SegmentationPreprocess(PairPreprocess):
     """Segmentation cases to a network batch: ``pair`` brings each image and its mask to one
     shape (masks nearest, never interpolated), ``normalise`` (a ``Preprocess`` or
     ``VolumePreprocess`` of the same edge length, so it does not resize again) scales and

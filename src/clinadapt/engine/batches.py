@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from clinadapt.data.checks import class_frequencies
 from clinadapt.data.info import TaskType
-from clinadapt.data.transforms import SegmentationPreprocess
+from clinadapt.data.transforms import PairPreprocess
 from clinadapt.engine.features import slice_indices
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.tasks import Task
@@ -75,9 +75,9 @@ class Collate:
 
 class PairCollate:
     """Segmentation batches: each image and its mask brought to the network's shape together by
-    a ``SegmentationPreprocess``; (x, y, index) with y the (B, *shape) int64 label maps."""
+    a ``PairPreprocess``; (x, y, index) with y the (B, *shape) int64 label maps."""
 
-    def __init__(self, preprocess: SegmentationPreprocess) -> None:
+    def __init__(self, preprocess: PairPreprocess) -> None:
         self.preprocess = preprocess
 
     def __call__(
@@ -93,10 +93,10 @@ def collate_for(
     """The batching of ``task``'s examples: images with label rows, or images with masks."""
     if not task.dense_targets:
         return Collate(preprocess, volume, max_slices)
-    if not isinstance(preprocess, SegmentationPreprocess):
+    if not isinstance(preprocess, PairPreprocess):
         raise ConfigError(
             f"{task.name} trains on images and masks brought to one shape together: pass a "
-            f"SegmentationPreprocess, not {type(preprocess).__name__}"
+            f"PairPreprocess (e.g. SegmentationPreprocess), not {type(preprocess).__name__}"
         )
     return PairCollate(preprocess)
 

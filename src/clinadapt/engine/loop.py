@@ -75,7 +75,7 @@ def freezes_norm_statistics(model: nn.Module, mode: str) -> bool:
     if mode not in ("auto", "update", "frozen"):
         raise ConfigError(f"norm_statistics must be auto, update or frozen, got {mode!r}")
     if mode == "auto":
-        return bool(getattr(getattr(model, "backbone", None), "is_pretrained", False))
+        return bool(getattr(getattr(model, "backbone", model), "is_pretrained", False))
     return mode == "frozen"
 
 
@@ -109,6 +109,9 @@ class Loop:
         set_seed(config.seed, device_specific=True)
         self.freeze_norm_statistics = freezes_norm_statistics(model, config.norm_statistics)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.draws_prompts = getattr(model, "draws_prompts", False)
+        """A promptable model draws its prompts from the targets and returns its own loss
+        (``adapt.sam_segmenter``)."""
         if not self.trainable:
             raise ConfigError(
                 "the model has no trainable parameters; apply a fine-tuning method first"
@@ -245,7 +248,10 @@ class Loop:
                 else:
                     x = self.augment(x)
                 x = self._layout(x)
-                loss = self.criterion(self.net(x).float(), y)
+                if self.draws_prompts:
+                    loss = self.net(x, y, generator=self.augment.generator).loss.float()
+                else:
+                    loss = self.criterion(self.net(x).float(), y)
                 size = torch.tensor(float(len(y)), device=loss.device)
                 stats = acc.gather(torch.stack([loss.detach() * size, size])[None]).double()
                 if not torch.isfinite(stats[:, 0]).all():
@@ -279,7 +285,9 @@ class Loop:
         self.net.eval()
         parts, index = [], []
         for x, y, idx in self.val_loader:
-            part = self.task.validation_part(self.net(self._layout(x)), y, self.task_type)
+            x = self._layout(x)
+            logits = self.net(x, y).logits if self.draws_prompts else self.net(x)
+            part = self.task.validation_part(logits, y, self.task_type)
             part, idx = self.acc.gather_for_metrics((part, idx))
             parts.append(part.cpu())
             index.append(idx.cpu())

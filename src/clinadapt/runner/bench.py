@@ -26,6 +26,7 @@ from clinadapt.runner.experiment import (
     prepare_features,
     run_experiment,
     run_on_features,
+    trains,
 )
 from clinadapt.runner.identity import GRID_AXES, bundle_key, run_id
 from clinadapt.runner.records import failure_record, write_json_atomic
@@ -156,7 +157,7 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
             f"options given for method(s) {unknown}, which the grid does not run "
             f"(methods: {grid.methods})"
         )
-    trained = [m for m in grid.methods if method_kind(m) == "finetune"]
+    trained = [m for m in grid.methods if trains(m)]
     if grid.base.get("train") and not trained:
         raise ConfigError(
             "train.* options apply to gradient-based methods (lora, adapter, vpt, bitfit, full), "
@@ -314,7 +315,7 @@ def _run_one(
     kind = method_kind(cfg.method)
     if kind in ("finetune", "prompted"):
         run_dir = path.with_suffix("")
-        cfg.resume = kind == "finetune" and (run_dir / "checkpoint").exists()
+        cfg.resume = trains(cfg.method) and (run_dir / "checkpoint").exists()
         return run_experiment(cfg, run_dir=run_dir, progress=progress)
     key = bundle_key(cfg)
     if key not in bundles:

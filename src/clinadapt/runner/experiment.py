@@ -324,7 +324,7 @@ def check_frozen_options(cfg: ExperimentConfig) -> None:
     from clinadapt.adapt import METHODS
     from clinadapt.errors import ConfigError
 
-    trained = ", ".join(n for n in METHODS.names() if METHODS.get(n).kind == "finetune")
+    trained = ", ".join(n for n in METHODS.names() if trains(n))
     what = {"prompted": "segments from prompts without training"}.get(
         METHODS.get(cfg.method).kind, "fits on frozen features"
     )
@@ -338,6 +338,15 @@ def check_frozen_options(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"--resume only applies to trained runs ({trained}); {cfg.method!r} {what}, so drop it"
         )
+
+
+def trains(name: str) -> bool:
+    """Whether method ``name`` trains a model (fine-tuning, or a prompted method that adapts its
+    SAM first): it needs a run folder, takes ``train.*`` options and resumes."""
+    from clinadapt.adapt import METHODS
+
+    cls = METHODS.get(name)
+    return cls.kind == "finetune" or bool(getattr(cls, "trains", False))
 
 
 def method_kind(name: str) -> str:
@@ -359,7 +368,10 @@ def run_experiment(
     if method_kind(cfg.method) == "prompted":
         from clinadapt.runner.prompted import run_prompted
 
-        check_frozen_options(cfg)
+        if not trains(cfg.method):
+            check_frozen_options(cfg)
+        elif run_dir is None:
+            raise ConfigError(f"method {cfg.method!r} trains a model: pass run_dir")
         return run_prompted(cfg, run_dir, progress=progress)
     dense = dataset_task(cfg).dense_targets
     if method_kind(cfg.method) == "finetune":

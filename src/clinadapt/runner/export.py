@@ -19,10 +19,12 @@ def export_run(
     from clinadapt.runner.predict import load_run
 
     run_dir = Path(run_dir)
-    record, model, method, preprocess = load_run(run_dir)
     out = Path(out_dir) if out_dir else run_dir / ("export-merged" if merge else "export")
     if out.exists() and any(out.iterdir()):
         raise ClinadaptError(f"{out} is not empty; choose another --out or remove it")
+    if _is_prompted(run_dir):
+        return _export_prompted(run_dir, out, merge)
+    record, model, method, preprocess = load_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     if merge:
         spec = get_spec(record["config"]["backbone"])
@@ -44,6 +46,35 @@ def export_run(
             **_preprocessing(record, preprocess),
         }
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    else:
+        for path in (run_dir / "adapter").iterdir():
+            shutil.copy2(path, out / path.name)
+    (out / "MODEL_CARD.md").write_text(model_card(record, merged=merge))
+    return out
+
+
+def _is_prompted(run_dir: Path) -> bool:
+    try:
+        record = json.loads((run_dir / "record.json").read_text())
+    except (OSError, ValueError):
+        return False  # load_run says what is wrong
+    return isinstance(record, dict) and record.get("method", {}).get("kind") == "prompted"
+
+
+def _export_prompted(run_dir: Path, out: Path, merge: bool) -> Path:
+    """A trained SAM: its adapter, or (``merge``) a segment-anything checkpoint for load_sam."""
+    from clinadapt.adapt.sam_checkpoint import export_merged, load_sam_adapted
+
+    record = json.loads((run_dir / "record.json").read_text())
+    if not (run_dir / "adapter").is_dir():
+        raise ClinadaptError(
+            f"{run_dir} is a zero-shot prompted run: it trained nothing, so there is nothing to "
+            "export; its model is the checkpoint it was given"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if merge:
+        segmenter, method = load_sam_adapted(run_dir / "adapter")
+        export_merged(segmenter, method, str(record["config"]["weights"]), out)
     else:
         for path in (run_dir / "adapter").iterdir():
             shutil.copy2(path, out / path.name)
@@ -77,7 +108,14 @@ def _preprocessing(record: dict[str, Any], preprocess: Any) -> dict[str, Any]:
 
 def model_card(record: dict[str, Any], *, merged: bool) -> str:
     """A short card: data, method, metrics, intended use and limits, from the run record."""
+    from clinadapt.runner.report import METRIC_LABELS
+    from clinadapt.tasks import TASKS
+
+    labels = {**METRIC_LABELS, "ece": "Expected calibration error"}
+
     cfg, data, method = record["config"], record["dataset"], record["method"]
+    task = TASKS.get(record.get("task", "classification"))
+    prompted = method.get("kind") == "prompted"
     test = record["metrics"]["test"]
     ci = record["metrics"].get("test_ci95", {})
 
@@ -89,7 +127,8 @@ def model_card(record: dict[str, Any], *, merged: bool) -> str:
 
     verified = data["provenance"].get("verified")
     lines = [
-        f"# {data['name']} classifier: {cfg['backbone']} adapted with {cfg['method']}",
+        f"# {data['name']} {'segmenter' if task.dense_targets else 'classifier'}: "
+        f"{cfg['backbone']} adapted with {cfg['method']}",
         "",
         "## Data",
         f"- Dataset: {data['name']} ({data['task']}, {data['num_classes']} classes: "
@@ -108,13 +147,15 @@ def model_card(record: dict[str, Any], *, merged: bool) -> str:
         f"- {cfg['method']}: {method['fitted_parameters']:,} trainable parameters "
         f"({method.get('trainable_percent_of_backbone', 0):.2f}% of the backbone); "
         f"best epoch {method['selected'].get('best_epoch')} chosen on validation.",
-        f"- This export: {'one merged timm checkpoint' if merged else 'adapter weights only'}.",
+        f"- This export: {_what(merged, prompted)}.",
+        *(
+            [f"- Test prompts: {record['prompts']['how']} (oracle prompts from the ground truth)."]
+            if prompted
+            else []
+        ),
         "",
         "## Test metrics (evaluated once, after model selection on validation)",
-        f"- AUC {metric('auc')}",
-        f"- ACC {metric('acc')}",
-        f"- Balanced accuracy {metric('balanced_accuracy')}",
-        f"- Expected calibration error {metric('ece')}",
+        *(f"- {labels.get(m, m)} {metric(m)}" for m in _card_metrics(task)),
         "",
         "## Intended use and limits",
         "- Research use: comparing adaptation methods on this dataset. Not a medical device and "
@@ -123,7 +164,16 @@ def model_card(record: dict[str, Any], *, merged: bool) -> str:
         "scanner, site or population shift. Check calibration before using probabilities.",
         "- Inputs must follow the same protocol (size, resize mode, normalisation) as above.",
     ]
-    if merged:
+    if merged and prompted:
+        lines += [
+            "",
+            "## Loading",
+            "```python",
+            "from clinadapt.backbones.sam import load_sam",
+            "model = load_sam('.')  # this folder; or: clinadapt segment IMAGE --weights .",
+            "```",
+        ]
+    elif merged:
         lines += [
             "",
             "## Loading",
@@ -135,3 +185,14 @@ def model_card(record: dict[str, Any], *, merged: bool) -> str:
             "```",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _what(merged: bool, prompted: bool) -> str:
+    if not merged:
+        return "adapter weights only"
+    return "one merged segment-anything checkpoint" if prompted else "one merged timm checkpoint"
+
+
+def _card_metrics(task: Any) -> tuple[str, ...]:
+    """The task's report metrics, and calibration for classifiers."""
+    return task.report_metrics + (() if task.dense_targets else ("ece",))

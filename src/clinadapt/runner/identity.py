@@ -63,6 +63,10 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
         from clinadapt.runner.common import train_config
 
         options["train"] = to_dict(train_config(cfg, task))
+    elif getattr(method, "trains", False):
+        from clinadapt.runner.prompted_train import prompted_train_config
+
+        options["train"] = to_dict(prompted_train_config(cfg, task))
     else:
         options.pop("train")
     return json.loads(json.dumps(options, default=str))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clinadapt.adapt.base import METHODS
 from clinadapt.config import to_dict
 from clinadapt.errors import ConfigError
 from clinadapt.runner.common import case_targets, count_empty, dataset_summary, labels_used
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from clinadapt.backbones.sam import PromptableSAM
     from clinadapt.data.prompts import Prompt
     from clinadapt.runner.experiment import ExperimentConfig
+    from clinadapt.runner.prompted_train import TrainedPrompted
 
 SAM_BACKBONES = ("litemedsam",)
 """Backbone names whose ``--weights`` ``load_sam`` reads as a whole promptable model (any
@@ -65,13 +67,23 @@ def run_prompted(
     _check_data(cfg, method, task, info, test_split)
     model = load_sam(cfg.weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = run_block(cfg)
     setup_s = time.perf_counter() - setup_start
 
     run_start = time.perf_counter()
+    trained = None
+    if method.trains:
+        from clinadapt.runner.prompted_train import train_prompted
+
+        if run_dir is None:
+            raise ConfigError(f"method {cfg.method!r} trains a model: pass run_dir")
+        trained = train_prompted(cfg, method, model, dataset, task, run_dir, progress=progress)
+        model = trained.segmenter.sam
+    train_s = time.perf_counter() - run_start
+    model.to(device).eval()
+    predict_start = time.perf_counter()
     predictor = _Predictor(model, method, info.num_classes, device)
     meta = test_split.meta or [{} for _ in range(len(test_split))]
     predictions, n_prompts, n_images, unprompted = [], 0, 0, 0
@@ -91,7 +103,7 @@ def run_prompted(
         n_prompts += case_prompts
         n_images += sum(bool(p) for p in per_slice)
         unprompted += int(case_prompts == 0)
-    predict_s = time.perf_counter() - run_start
+    predict_s = time.perf_counter() - predict_start
 
     start = time.perf_counter()
     cases = task.score_cases(predictions, case_targets(test_split, info.num_classes))
@@ -105,6 +117,8 @@ def run_prompted(
         metrics["test_ci95"] = ci
     n_cases = len(test_split)
     empty = count_empty(test_split.labels, np.arange(n_cases))
+    if trained is not None:
+        metrics["val"] = trained.result.best_val
     return build_record(
         "prompted",
         to_dict(cfg),
@@ -124,9 +138,7 @@ def run_prompted(
             "prompt": method.prompt,
             "config": to_dict(method.config),
             "uses_model": method.uses_model,
-            "fitted_parameters": 0,
-            "trainable_backbone_parameters": 0,
-            "trainable_percent_of_backbone": 0.0,
+            **_fitted(trained, method),
         },
         prompts={
             "oracle": True,
@@ -143,17 +155,18 @@ def run_prompted(
             "cases_without_foreground": empty,
             "cases_without_prompts": unprompted,
         },
-        shots={
-            "requested": cfg.shots_value(),
-            "support_size": 0,
-            "note": "zero-shot: no labelled training images; prompts come from the test cases",
-        },
-        labels_used=labels_used(0, 0, uses_val=False),
+        shots=_shots(cfg, trained),
+        labels_used=labels_used(
+            *((len(trained.support), len(trained.val_picked)) if trained else (0, 0)),
+            uses_val=trained is not None,
+        ),
         metrics=metrics,
         overlays=overlays,
+        **({"history": trained.result.history} if trained else {}),
         timings={
             "setup_s": setup_s,
             "setup_key": run["id"],
+            **_train_timings(trained, train_s),
             "predict_s": predict_s,
             "seconds_per_case": predict_s / max(n_cases, 1),
             "seconds_per_prompted_image": predict_s / max(n_images, 1),
@@ -162,6 +175,41 @@ def run_prompted(
         },
         peak_memory=device_peak_memory_mb(device),
     )
+
+
+def _fitted(trained: TrainedPrompted | None, method: PromptedMethod) -> dict[str, Any]:
+    if trained is None:
+        return {
+            "fitted_parameters": 0,
+            "trainable_backbone_parameters": 0,
+            "trainable_percent_of_backbone": 0.0,
+        }
+    from clinadapt.runner.prompted_train import trained_block
+
+    return trained_block(trained, method)
+
+
+def _shots(cfg: ExperimentConfig, trained: TrainedPrompted | None) -> dict[str, Any]:
+    if trained is None:
+        return {
+            "requested": cfg.shots_value(),
+            "support_size": 0,
+            "note": "zero-shot: no labelled training images; prompts come from the test cases",
+        }
+    return {
+        "requested": cfg.shots_value(),
+        "actual_cases": len(trained.support),
+        "support_size": len(trained.support),
+        "val_requested": cfg.val_shots_value(),
+        "note": "training prompts come from the training cases' ground truth, test prompts from "
+        "the test cases'",
+    }
+
+
+def _train_timings(trained: TrainedPrompted | None, train_s: float) -> dict[str, float]:
+    if trained is None:
+        return {}
+    return {"time_per_epoch_s": trained.result.time_per_epoch_s, "train_s": train_s}
 
 
 def _check_run(cfg: ExperimentConfig) -> None:
@@ -177,7 +225,7 @@ def _check_run(cfg: ExperimentConfig) -> None:
             f"--weights {cfg.weights}: {cfg.method!r} needs a SAM checkpoint; give its folder or "
             "file, e.g. --weights ../shared/weights/litemedsam"
         )
-    if cfg.precision == "bf16":
+    if cfg.precision == "bf16" and not METHODS.get(cfg.method).trains:
         raise ConfigError(
             f"precision=bf16: {cfg.method!r} runs the SAM model in fp32; use precision=fp32 or auto"
         )

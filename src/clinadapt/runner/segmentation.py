@@ -56,7 +56,7 @@ def run_segmentation(
     train_split, val_split, test_split = dataset["train"], dataset["val"], dataset["test"]
     support = few_shot_cases(len(train_split), cfg.shots_value(), cfg.seed)
     val_budget = cfg.val_shots_value()
-    val_picked = few_shot_cases(len(val_split), _capped(val_budget, len(val_split)), cfg.seed)
+    val_picked = few_shot_cases(len(val_split), capped_budget(val_budget, len(val_split)), cfg.seed)
     method = create_method(cfg.method, cfg.method_options)
     with torch.random.fork_rng():  # the new head and adapter layers start the same for a seed
         torch.manual_seed(cfg.seed)
@@ -67,8 +67,8 @@ def run_segmentation(
     run_start = time.perf_counter()
     result = train(
         model,
-        _cases(train_split, support, slices),
-        _cases(val_split, val_picked, slices),
+        training_cases(train_split, support, slices),
+        training_cases(val_split, val_picked, slices),
         task=info.task,
         num_classes=info.num_classes,
         preprocess=preprocess,
@@ -163,12 +163,12 @@ def _slices(data_ndim: int, network_ndim: int, cfg: ExperimentConfig) -> bool:
     return False
 
 
-def _capped(budget: int | str, n: int) -> int | str:
+def capped_budget(budget: int | str, n: int) -> int | str:
     """A validation budget larger than the split takes the whole split."""
     return "all" if budget == "all" or int(budget) >= n else budget
 
 
-def _cases(split: Any, picked: np.ndarray, slices: bool) -> tuple[Any, Any]:
+def training_cases(split: Any, picked: np.ndarray, slices: bool) -> tuple[Any, Any]:
     """(images, masks) of the picked cases; with ``slices`` every axial slice is a case."""
     from clinadapt.data.dataset import Subset
     from clinadapt.data.slices import VolumeSlices
