@@ -131,7 +131,19 @@ def run_prompted(
             "empty_masks": {"test": empty},
         },
         backbone=_backbone_block(cfg, model),
-        preprocessing=_preprocessing(method, model, info.ndim),
+        preprocessing={
+            **_preprocessing(method, model, info.ndim),
+            **(
+                {
+                    "training_masks": "brought into the encoder's frame with their image "
+                    "(nearest, padded with background)",
+                    "training_precision": trained.result.precision,
+                    "precision_check": trained.result.precision_check,
+                }
+                if trained
+                else {}
+            ),
+        },
         method={
             "name": cfg.method,
             "kind": "prompted",
