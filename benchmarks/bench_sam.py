@@ -154,6 +154,7 @@ def _row(row: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     out["labelled_cases"] = row["labels_used"]
     out["train_s"] = _mean([t.get("train_s", 0.0) for t in timings])
     out["seconds_per_test_case"] = _mean([t["seconds_per_case"] for t in timings])
+    out["embedding_cache"] = [r.get("embedding_cache") for r in same]
     out["peak_memory_mb"] = max(r["peak_memory_mb"] for r in same)
     if same and "train" in same[0]["method"]:
         out["epochs"] = same[0]["method"]["train"]["epochs"]

@@ -135,3 +135,21 @@ def test_the_cli_trains_prompted_methods_with_train_not_run(pairs, sam_weights, 
     assert main(["train", *common, "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "record.json").is_file()
     assert "dice" in capsys.readouterr().out
+
+
+def test_frozen_encoder_runs_share_test_embeddings_through_the_cache(pairs, sam_weights, tmp_path):  # noqa: F811
+    import dataclasses
+
+    cache = str(tmp_path / "cache")
+    box = dataclasses.replace(config(pairs, sam_weights, "sam_box"), cache_dir=cache)
+    first, first_masks = run(box)
+    again, again_masks = run(box)
+    point, _ = run(dataclasses.replace(box, method="sam_point"))
+    prompted = first["prompts"]["prompted_images"]
+    assert first["embedding_cache"] == {"hits": 0, "misses": prompted}
+    assert again["embedding_cache"] == {"hits": prompted, "misses": 0}
+    assert point["embedding_cache"]["hits"] == prompted  # same images, another prompt
+    assert all(np.array_equal(a, b) for a, b in zip(first_masks, again_masks, strict=True))
+    full = dataclasses.replace(box, method="sam_full", train=TRAIN)
+    trained, _ = run(full, tmp_path / "full")
+    assert trained["embedding_cache"] == {"hits": 0, "misses": 0}  # its encoder changed

@@ -124,6 +124,8 @@ class PromptedMethod:
     uses_model: ClassVar[bool] = True
     trains: ClassVar[bool] = False
     """Whether the model trains on labelled images first (``prompted_tuning``)."""
+    encoder_frozen: ClassVar[bool] = True
+    """Whether the image encoder stays the checkpoint's, so its embeddings can be cached."""
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -154,6 +154,7 @@ class SamDecoder(SamTuning):
 class SamFull(SamTuning):
     description = "SAM fully fine-tuned on prompts from a few labelled images"
     trains_part = "image encoder, prompt encoder and mask decoder"
+    encoder_frozen = False
 
     def apply(self, segmenter: PromptedSegmenter) -> PromptedSegmenter:
         return segmenter.requires_grad_(True)
@@ -163,6 +164,7 @@ class SamLoRA(SamTuning):
     config_cls = SamLoRAConfig
     description = "SAM with LoRA on the image encoder's attention (PEFT) and its mask decoder"
     trains_part = "LoRA on image-encoder attention, mask decoder"
+    encoder_frozen = False
 
     def __init__(self, config: SamLoRAConfig | None = None) -> None:
         super().__init__(config)

@@ -14,6 +14,7 @@ gives the overlap to the lower class).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from clinadapt.adapt.prompted import PromptedMethod
     from clinadapt.backbones.sam import PromptableSAM
     from clinadapt.data.prompts import Prompt
+    from clinadapt.engine.cache import FeatureCache
     from clinadapt.runner.experiment import ExperimentConfig
     from clinadapt.runner.prompted_train import TrainedPrompted
 
@@ -84,7 +86,12 @@ def run_prompted(
     train_s = time.perf_counter() - run_start
     model.to(device).eval()
     predict_start = time.perf_counter()
-    predictor = _Predictor(model, method, info.num_classes, device)
+    cache = None
+    if method.uses_model and method.encoder_frozen and model.checkpoint is not None:
+        from clinadapt.engine.cache import FeatureCache
+
+        cache = FeatureCache(cfg.cache_dir)
+    predictor = _Predictor(model, method, info.num_classes, device, cache)
     meta = test_split.meta or [{} for _ in range(len(test_split))]
     predictions, n_prompts, n_images, unprompted = [], 0, 0, 0
     for i in tqdm(range(len(test_split)), desc=cfg.method, unit="case", disable=not progress):
@@ -174,6 +181,7 @@ def run_prompted(
         ),
         metrics=metrics,
         overlays=overlays,
+        embedding_cache={"hits": predictor.hits, "misses": predictor.misses},
         **({"history": trained.result.history} if trained else {}),
         timings={
             "setup_s": setup_s,
@@ -299,9 +307,32 @@ class _Predictor:
     """One 2D image and its prompts -> a uint8 label map of ``shape``."""
 
     def __init__(
-        self, model: PromptableSAM, method: PromptedMethod, num_classes: int, device: torch.device
+        self,
+        model: PromptableSAM,
+        method: PromptedMethod,
+        num_classes: int,
+        device: torch.device,
+        cache: FeatureCache | None = None,
     ) -> None:
         self.model, self.method, self.k, self.device = model, method, num_classes, device
+        self.cache, self.hits, self.misses = cache, 0, 0
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The image embedding of one preprocessed image; with a cache (the checkpoint's own
+        encoder), read from disk when an earlier run embedded the same input."""
+        if self.cache is None:
+            return self.model.embed_image(x[None].to(self.device))
+        digest = hashlib.blake2b(x.numpy().tobytes(), digest_size=20).hexdigest()
+        parts = {
+            "kind": "sam_image_embedding",
+            "checkpoint": self.model.checkpoint.sha256,
+            "input": f"{digest}{tuple(x.shape)}",
+        }
+        array, hit = self.cache.get_or_compute(
+            parts, lambda: self.model.embed_image(x[None].to(self.device)).cpu().numpy()
+        )
+        self.hits, self.misses = self.hits + hit, self.misses + (not hit)
+        return torch.from_numpy(array).to(self.device)
 
     def __call__(
         self, image: np.ndarray, shape: tuple[int, ...], prompts: list[Prompt], name: str
@@ -330,7 +361,7 @@ class _Predictor:
 
         x, frame = preprocess(image, self.model.image_size, name=name)
         with torch.inference_mode():
-            embedding = self.model.embed_image(x[None].to(self.device))
+            embedding = self.embed(x)
             by_points = itertools.groupby(
                 sorted(prompts, key=lambda p: len(p.points)), key=lambda p: len(p.points)
             )
