@@ -116,7 +116,7 @@ def test_class_logits_equal_the_union_of_prompt_masks():
     with torch.no_grad():
         logits = segmenter(x, y).logits[0]
         batch = segmenter._prompts(y, None)
-        masks = segmenter._decode(segmenter.sam.embed_image(x), batch, (64, 64))
+        masks = segmenter._decode(segmenter.sam.embed_image(x), [0], batch, (64, 64))
     for label in (1, 2):
         rows = [n for n, lab in enumerate(batch.label) if lab == label]
         assert torch.allclose(logits[label], masks[rows].max(dim=0).values.clamp_min(ABSENT))
@@ -222,6 +222,10 @@ def test_a_frozen_encoder_embeds_each_image_once():
     full.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     full(x, y), full(x, y)
     assert calls == [2, 1, 2, 2]  # a trained encoder is never cached
+    empty = torch.zeros_like(y)
+    empty[1] = y[1]
+    full(x, empty)
+    assert calls[-1] == 1  # an image without objects is not embedded at all
 
 
 def test_the_embedding_cache_drops_the_least_recently_used():

@@ -29,8 +29,8 @@ from clinadapt.errors import ConfigError
 if TYPE_CHECKING:
     from clinadapt.backbones.sam import PromptableSAM
 
-EMBEDDING_CACHE_BYTES = 2**30
-"""Frozen-encoder embeddings kept in memory: 256 LiteMedSAM images (4 MiB each)."""
+EMBEDDING_CACHE_BYTES = 2 * 2**30
+"""Frozen-encoder embeddings kept in memory: 512 LiteMedSAM images (4 MiB each)."""
 ABSENT = -1.0e4
 """Class logit where no prompt of that class exists: finite, so softmax and cross-entropy are."""
 PROMPT_KINDS = ("box", "points", "box+points")
@@ -129,27 +129,31 @@ class PromptedSegmenter(nn.Module):
         targets: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> SegmenterOutput:
-        embeddings = self._embed(images)
         batch = self._prompts(targets, generator if self.training else None)
-        size = tuple(images.shape[-2:])
         if not batch.image:  # no object in any image: nothing to learn, a zero with a graph
-            loss = sum((p.sum() for p in self.parameters() if p.requires_grad), embeddings.sum())
-            loss = loss * 0.0
+            loss = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             logits = None if self.training else self._class_logits(targets, batch, None)
-            return SegmenterOutput(loss, logits)
-        masks = self._decode(embeddings, batch, size)
+            return SegmenterOutput(torch.as_tensor(loss, device=images.device), logits)
+        prompted = sorted(set(batch.image))  # images without an object need no embedding
+        embeddings = self._embed(images[prompted])
+        masks = self._decode(embeddings, prompted, batch, tuple(images.shape[-2:]))
         loss = dice_bce(masks, batch.masks.to(masks.device))
         logits = None if self.training else self._class_logits(targets, batch, masks)
         return SegmenterOutput(loss, logits)
 
     def _decode(
-        self, embeddings: torch.Tensor, batch: _Batch, size: tuple[int, ...]
+        self,
+        embeddings: torch.Tensor,
+        prompted: list[int],
+        batch: _Batch,
+        size: tuple[int, ...],
     ) -> torch.Tensor:
-        """(N, H, W) mask logits at the input's size, one per prompt, image by image."""
+        """(N, H, W) mask logits at the input's size, one per prompt, image by image;
+        ``embeddings`` are those of the ``prompted`` images of the batch, in that order."""
         device = embeddings.device
         index = torch.tensor(batch.image)
         out = []
-        for i in index.unique(sorted=True).tolist():
+        for row, i in enumerate(prompted):
             rows = (index == i).nonzero()[:, 0]
             kwargs = {}
             if self.recipe.box:
@@ -157,7 +161,7 @@ class PromptedSegmenter(nn.Module):
             if self.recipe.uses_points:
                 kwargs["points"] = batch.points[rows].to(device)
                 kwargs["labels"] = batch.point_labels[rows].to(device)
-            out.append(self.sam.predict_masks(embeddings[i : i + 1], **kwargs))
+            out.append(self.sam.predict_masks(embeddings[row : row + 1], **kwargs))
         low = torch.cat(out)
         if tuple(low.shape[-2:]) != size:
             low = F.interpolate(low, size, mode="bilinear", align_corners=False)
