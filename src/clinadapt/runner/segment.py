@@ -82,7 +82,7 @@ def segment_image(
     Memory: the image stays in its own dtype; only the pixels the bilinear resize to the
     encoder's frame reads (at most two rows and columns per output pixel) are converted to
     float, and the mask is brought back to full size one prompt at a time."""
-    from clinadapt.backbones.sam import ImageFrame, preprocess
+    from clinadapt.backbones.sam import ImageFrame, preprocess, resize_bilinear
 
     arr = np.asarray(image)
     size = model.image_size
@@ -90,7 +90,7 @@ def segment_image(
         preprocess(arr, size, name)  # raises the DataError that says what is wrong
     frame = ImageFrame((int(arr.shape[0]), int(arr.shape[1])), size, name)
     prompt = _frame_prompts(frame, boxes, points, labels)
-    x, _ = preprocess(_resize_bilinear(arr, frame.resized_size), size, name)
+    x, _ = preprocess(resize_bilinear(arr, frame.resized_size), size, name)
     device = next(model.parameters()).device
     with torch.no_grad():
         embedding = model.embed_image(x[None].to(device))
@@ -219,28 +219,6 @@ def _numbers(values: Any, what: str, name: str) -> np.ndarray:
         return np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise DataError(f"{name}: {what} must be lists of numbers, got {values!r}") from None
-
-
-def _resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` (H, W[, C]) resized to ``size`` as float32, exactly as torch's bilinear
-    interpolation without antialiasing (``align_corners=False``) does, reading only the two
-    rows and two columns around each output pixel: a huge image is never converted whole."""
-
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0)
-        i0 = np.minimum(src.astype(np.int64), n_in - 1)
-        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
-
-    (y0, y1, wy), (x0, x1, wx) = axis(image.shape[0], size[0]), axis(image.shape[1], size[1])
-    extra = (1,) * (image.ndim - 2)
-    wy, wx = wy.reshape(-1, 1, *extra), wx.reshape(1, -1, *extra)
-
-    def row(y: np.ndarray) -> np.ndarray:
-        left = image[np.ix_(y, x0)].astype(np.float32)
-        right = image[np.ix_(y, x1)].astype(np.float32)
-        return (1 - wx) * left + wx * right
-
-    return (1 - wy) * row(y0) + wy * row(y1)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -407,6 +385,7 @@ def _overlay(
 ) -> None:
     """The overlay picture, drawn from the image brought down to ``OVERLAY_SIDE`` pixels (its
     mask by nearest pixels), so a huge image costs no full-size float copies here either."""
+    from clinadapt.backbones.sam import resize_bilinear
     from clinadapt.runner.overlays import overlay_png
 
     image = image[..., :3] if image.ndim == 3 else image  # an alpha channel is not shown
@@ -415,7 +394,7 @@ def _overlay(
     sy = sx = 1.0
     if scale < 1:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        small = _resize_bilinear(image, size)
+        small = resize_bilinear(image, size)
         image = np.round(small).astype(np.uint8) if image.dtype == np.uint8 else small
         rows = ((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64)
         cols = ((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64)
