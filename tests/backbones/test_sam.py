@@ -4,6 +4,7 @@ checks, the ``litemedsam`` backbone, and the LiteMedSAM verification check of PR
 import json
 import sys
 import time
+import tracemalloc
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from clinadapt.backbones.sam import (
     infer_architecture,
     load_sam,
     preprocess,
+    processing,
 )
 from clinadapt.backbones.sam.loader import PUBLISHED_SHA256
 from clinadapt.data.seg_files import THRESHOLD
@@ -355,6 +357,54 @@ def test_preprocess_handles_gray_rgba_16_bit_and_constant_images():
     assert torch.equal(preprocess(rgb[..., :1])[0], gray)
     assert torch.equal(preprocess(torch.from_numpy(rgb))[0], ref)
     assert (preprocess(np.full((30, 30), 900, np.uint16))[0] == 0).all()
+    # min-max makes the range irrelevant: 16-bit grayscale and RGBA, signed CT-like values, float
+    assert torch.allclose(preprocess(rgb[..., 0].astype(np.uint16) * 257)[0], gray, atol=1e-6)
+    alpha16 = alpha.astype(np.uint16) * 257
+    assert torch.allclose(preprocess(alpha16)[0], ref, atol=1e-6)
+    assert torch.allclose(preprocess(rgb[..., 0].astype(np.int16) * 4 - 1024)[0], gray, atol=1e-6)
+    assert torch.allclose(preprocess(rgb.astype(np.float32) / 255)[0], ref, atol=1e-6)
+
+
+def smooth_picture(h: int, w: int) -> np.ndarray:
+    """An RGB uint8 picture of a few blobs and noise, like a photograph at any size."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    rng = np.random.default_rng(7)
+    base = 120 + 80 * np.sin(6 * xx) * np.cos(4 * yy) + rng.normal(0, 10, (h, w))
+    return np.clip(np.stack([base, base * 0.8, 255 - base], axis=2), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "kind", ["rgb", "gray", "gray16", "rgba16", "ct_int16", "float"], ids=lambda k: k
+)
+def test_huge_images_resize_as_the_plain_path_in_bounded_memory(kind, monkeypatch):
+    """Over ``MAX_PIXELS`` (lowered here) only the pixels the bilinear resize reads are made
+    float: the result is the plain path's up to float rounding, and numpy never holds the image
+    as float32 (four times its uint8 size; tracemalloc sees numpy's allocations)."""
+    rgb = smooth_picture(1500, 2000)
+    image = {
+        "rgb": rgb,
+        "gray": rgb[..., 0],
+        "gray16": rgb[..., 0].astype(np.uint16) * 257,
+        "rgba16": np.concatenate([rgb, np.full((1500, 2000, 1), 3, np.uint8)], 2) * np.uint16(257),
+        "ct_int16": rgb[..., 0].astype(np.int16) * 4 - 1024,
+        "float": rgb.astype(np.float32) / 255,
+    }[kind]
+    plain, frame = preprocess(image, name="big.png")
+    monkeypatch.setattr(processing, "MAX_PIXELS", 1000 * 1000)
+    monkeypatch.setattr(processing, "CHECK_PIXELS", 100_000)
+    tracemalloc.start()
+    try:
+        bounded, bounded_frame = preprocess(image, name="big.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bounded_frame == frame and bounded.shape == plain.shape == (3, 256, 256)
+    assert torch.allclose(bounded, plain, atol=1e-4)
+    assert peak < image.size  # bytes: a quarter of the image as float32
+    if kind == "float":
+        image[1000, 1999] = np.nan  # a pixel the resize does not read is checked all the same
+        with pytest.raises(DataError, match="big.png: the image has NaN or infinite"):
+            preprocess(image, name="big.png")
 
 
 @pytest.mark.parametrize(

