@@ -331,7 +331,7 @@ def test_prompted_runs_refuse_what_they_cannot_do(pairs, volumes, sam_weights, t
     started = time.perf_counter()
     cases = [
         (dict(backbone="resnet18"), "prompts a SAM model, but backbone 'resnet18'"),
-        (dict(weights="pretrained"), "needs a SAM checkpoint"),
+        (dict(weights="none"), "needs a SAM checkpoint"),
         (dict(precision="bf16"), "runs the SAM model in fp32"),
         (dict(input_size=128), "takes its own input size"),
         (dict(train={"epochs": 2}), "segments from prompts without training"),

