@@ -251,3 +251,20 @@ def count_empty(masks: Any, picked: np.ndarray) -> int:
     """Cases without foreground among ``picked``: they train and score like any other (Dice
     conventions in ``clinadapt.eval.segmentation``), and the record says how many there were."""
     return sum(int(not np.any(masks[int(i)])) for i in picked)
+
+
+def capped_budget(budget: int | str, n: int) -> int | str:
+    """A validation budget larger than the split takes the whole split."""
+    return "all" if budget == "all" or int(budget) >= n else budget
+
+
+def training_cases(split: Any, picked: np.ndarray, slices: bool) -> tuple[Any, Any]:
+    """(images, masks) of the picked cases; with ``slices`` every axial slice is a case."""
+    from clinadapt.data.dataset import Subset
+    from clinadapt.data.slices import VolumeSlices
+
+    images, masks = Subset(split.images, picked), Subset(split.labels, picked)
+    if not slices:
+        return images, masks
+    depths = [int(split.meta[i]["shape"][0]) for i in picked]
+    return VolumeSlices(images, depths), VolumeSlices(masks, depths)

@@ -53,8 +53,8 @@ def train_prompted(
     from clinadapt.backbones.sam.pairs import SamPairs
     from clinadapt.data import few_shot_cases
     from clinadapt.engine.train import train
+    from clinadapt.runner.common import capped_budget, training_cases
     from clinadapt.runner.records import is_main_process
-    from clinadapt.runner.segmentation import capped_budget, training_cases
 
     info = dataset.info
     train_cfg = prompted_train_config(cfg, task)

@@ -14,6 +14,7 @@ from clinadapt.config import to_dict
 from clinadapt.errors import ConfigError
 from clinadapt.runner.common import (
     backbone_summary,
+    capped_budget,
     case_targets,
     count_empty,
     dataset_summary,
@@ -23,6 +24,7 @@ from clinadapt.runner.common import (
     save_trained,
     train_config,
     trained_method,
+    training_cases,
 )
 
 if TYPE_CHECKING:
@@ -161,20 +163,3 @@ def _slices(data_ndim: int, network_ndim: int, cfg: ExperimentConfig) -> bool:
             )
         return True
     return False
-
-
-def capped_budget(budget: int | str, n: int) -> int | str:
-    """A validation budget larger than the split takes the whole split."""
-    return "all" if budget == "all" or int(budget) >= n else budget
-
-
-def training_cases(split: Any, picked: np.ndarray, slices: bool) -> tuple[Any, Any]:
-    """(images, masks) of the picked cases; with ``slices`` every axial slice is a case."""
-    from clinadapt.data.dataset import Subset
-    from clinadapt.data.slices import VolumeSlices
-
-    images, masks = Subset(split.images, picked), Subset(split.labels, picked)
-    if not slices:
-        return images, masks
-    depths = [int(split.meta[i]["shape"][0]) for i in picked]
-    return VolumeSlices(images, depths), VolumeSlices(masks, depths)
