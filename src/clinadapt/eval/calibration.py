@@ -3,7 +3,9 @@ score and reliability diagrams.
 
 Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks") divides the
 logits by one scalar ``T > 0`` fitted on the validation split by minimising the negative
-log-likelihood; it never changes the argmax, so accuracy and (single-label) AUC stay as they are.
+log-likelihood. It never changes the argmax (accuracy), nor the ranking of binary and multi-label
+scores (their AUC); the one-vs-rest AUCs of multi-class tasks can move slightly, since each row's
+normalisation changes with ``T``.
 Binary tasks here have two softmax outputs, like multi-class ones, and are scaled the same way.
 Multi-label tasks get one temperature shared by every label's sigmoid, fitted on the mean binary
 cross-entropy over all labels: the same single parameter, where a temperature per label would be
