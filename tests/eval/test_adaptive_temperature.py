@@ -40,6 +40,8 @@ def test_where_the_polynomial_exceeds_one():
     roots = np.roots(np.subtract(PAPER_POLYNOMIAL, [0, 0, 0, 0, 1]))
     real = np.sort(roots[np.abs(roots.imag) < 1e-12].real)
     np.testing.assert_allclose(real, [0.84858, 5.94452], atol=1e-5)
+    below = np.polyval(PAPER_POLYNOMIAL, np.linspace(0.0, 0.84858, 100_001))
+    assert below.max() < 1.0  # the H > 0.5 gate never binds
     binary = np.linspace(0.5, np.log(2), 100_001)[1:]
     values = np.polyval(PAPER_POLYNOMIAL, binary)
     assert values.max() == pytest.approx(0.66381, abs=1e-5)

@@ -12,7 +12,9 @@ monotonically from 0.1503 to 0.6638 at ``H = ln 2``, so ``beta = 1`` there. A tw
 has ``H <= ln 2 = 0.6931``, hence the rule is an exact no-op (bit-identical logits) for binary
 classifiers, and for multi-label sigmoids, each a softmax over ``(0, z)``; more generally for any
 softmax with ``H <= 0.84858``. Above ``H = 5.94452`` (near-uniform attention over more than
-about 381 keys) the polynomial drops below 1 again and ``beta`` returns to 1.
+about 381 keys) the polynomial drops below 1 again and ``beta`` returns to 1. Since it is below 1
+on all of ``[0, 0.84858]``, the ``H > 0.5`` gate never decides anything with these coefficients;
+it is kept as the paper writes the rule.
 
 ``adaptive_probabilities`` is the option for a classifier's output; the attention softmax of timm
 ViTs is patched by ``clinadapt.backbones.adaptive_attention``. Both live on torch tensors; this
