@@ -33,9 +33,11 @@ def test_a_model_without_normalisation_layers_is_refused_by_name(name):
 
 
 @pytest.mark.parametrize("name", ["none", "t3a", "lame"])
-def test_output_level_methods_need_no_normalisation_layers(name):
+def test_output_level_methods_need_no_normalisation_layers_and_take_single_images(name):
     result = create_tta(name).run(no_norm_model(), tiny_batches())
     assert np.isfinite(result.probabilities).all()
+    single = create_tta(name).run(tiny_model(), [x[:1] for x in tiny_batches()])
+    assert single.batches == 3 and np.isfinite(single.probabilities).all()
 
 
 def test_layer_norms_adapt_with_tent_at_batch_size_one_but_bn_needs_batch_norms():
@@ -93,6 +95,7 @@ def test_divergence_resets_to_the_source_and_is_counted(name, breaks):
         # state; gradients: every update leaves NaN parameters and is undone
         assert result.resets == (3 if breaks == "outputs" else 4)
     assert np.isfinite(result.probabilities).all()
+    assert result.adapted + result.filtered == result.examples  # a retried batch counts once
     bn = np.concatenate([p.numpy() for p in naive_bn(model, batches)])
     np.testing.assert_allclose(result.probabilities, bn, atol=1e-5)
 

@@ -116,3 +116,12 @@ def test_stats_are_plain_values_for_the_record():
     )
     assert stats["options"]["rho"] == 0.05 and stats["seconds"] > 0
     json.dumps(stats)
+
+
+def test_gradient_methods_run_inside_inference_mode():
+    model, batches = tiny_model(), tiny_batches()
+    expected = create_tta("tent", {"lr": 2.0}).run(model, batches, mode="continual")
+    with torch.inference_mode():
+        inside = [x.clone() for x in batches]
+        result = create_tta("tent", {"lr": 2.0}).run(model, inside, mode="continual")
+    np.testing.assert_array_equal(result.probabilities, expected.probabilities)

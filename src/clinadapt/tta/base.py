@@ -163,9 +163,8 @@ class TTAMethod(ABC):
         """Predict every test batch (preprocessed image tensors, in order) while adapting a copy
         of ``model``; ``source`` is only for methods with ``uses_source``."""
         if mode not in MODES:
-            raise ConfigError(
-                f"tta mode must be one of {list(MODES)}, got {mode!r}.{did_you_mean(mode, MODES)}"
-            )
+            hint = did_you_mean(str(mode), list(MODES))
+            raise ConfigError(f"tta mode must be one of {list(MODES)}, got {mode!r}.{hint}")
         if not isinstance(model, TTAModel):
             raise ClinadaptError(
                 f"{self.name}: expected a TTAModel, got {type(model).__name__}; wrap the model "
@@ -190,13 +189,14 @@ class TTAMethod(ABC):
         devices = [param.device] if param.device.type == "cuda" else []
         started = time.perf_counter()
         outputs: list[np.ndarray] = []
-        with torch.random.fork_rng(devices=devices):
+        # inference mode (as evaluation code often runs) would forbid the gradients tent needs
+        with torch.inference_mode(False), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             work = copy.deepcopy(model)
             session: Session | None = None
             grouped = _regroup(batches, self.min_batch(work), self.name, model.name)
             for index, raw in enumerate(grouped):
-                images = _checked(raw, index, param)
+                images = check_batch(raw, f"test batch {index}", param)
                 if session is None:
                     session = self.start(work, len(images), result, source)
                     session.save()
@@ -212,10 +212,13 @@ class TTAMethod(ABC):
         return result
 
     def _predict(self, session: Session, images: torch.Tensor, index: int, name: str) -> np.ndarray:
+        result = session.result
+        counts = (result.adapted, result.filtered, result.updates, result.collapses)
         probs = session.step(images)
         if not bool(torch.isfinite(probs).all()):
             session.reset()
-            session.result.resets += 1
+            result.adapted, result.filtered, result.updates, result.collapses = counts
+            result.resets += 1
             probs = session.step(images)
             if not bool(torch.isfinite(probs).all()):
                 raise ClinadaptError(
@@ -224,22 +227,25 @@ class TTAMethod(ABC):
                 )
         if not session.healthy():
             session.reset()
-            session.result.resets += 1
+            result.resets += 1
         return probs.detach().double().cpu().numpy()
 
 
-def _checked(images: Any, index: int, like: torch.Tensor) -> torch.Tensor:
+def check_batch(images: Any, where: str, like: torch.Tensor) -> torch.Tensor:
+    """``images`` as a float tensor on ``like``'s device and dtype, or a ``DataError``."""
     if not isinstance(images, torch.Tensor) or images.ndim < 2 or len(images) == 0:
         raise DataError(
-            f"test batch {index} must be a non-empty tensor of preprocessed images, got "
+            f"{where} must be a non-empty tensor of preprocessed images, got "
             f"{type(images).__name__}"
             + (f" of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else "")
         )
     if not images.is_floating_point() or not bool(torch.isfinite(images).all()):
         raise DataError(
-            f"test batch {index} holds non-float or non-finite pixels; preprocess the images "
+            f"{where} holds non-float or non-finite pixels; preprocess the images "
             "(float, normalised) and remove corrupt ones before test-time adaptation"
         )
+    if images.is_inference():  # made under inference mode: autograd cannot record it
+        images = images.clone()
     return images.to(device=like.device, dtype=like.dtype)
 
 

@@ -8,7 +8,7 @@ corruptions by covariate shift adaptation" (NeurIPS). Every batch-norm layer nor
 
 where mu_s, sigma_s^2 are the source running statistics, mu_t, sigma_t^2 the mean and (biased)
 variance of the layer's input over the n images of the test batch (and its spatial positions),
-and N = ``prior`` is the source's weight in images (Schneider et al., Eq. 2). ``prior`` = 0 (the
+and N = ``prior`` is the source's weight in images (Schneider et al.). ``prior`` = 0 (the
 default) is prediction-time BN; ``prior`` > 0 also works with a batch of one image, for which
 the pure batch statistics would be those of that image alone. Nothing is learnt and nothing
 carries over between batches, so episodic and continual runs agree.

@@ -2,7 +2,7 @@
 
 Niu, Wu, Zhang, Chen, Zheng, Zhao and Tan 2022, "Efficient Test-Time Model Adaptation without
 Forgetting" (ICML). Entropy minimisation of the normalisation affine parameters (see
-``gradient``) on the samples that pass two filters, each weighted by its certainty (Eqs. 3-8):
+``gradient``) on the samples that pass two filters, each weighted by its certainty:
 
 - reliability: S_ent(x) = 1[E(x) < E_0], E_0 = ``margin`` * ln C (0.4 ln C in the paper);
 - non-redundancy: S_div(x) = 1[|cos(m_{t-1}, y_hat(x))| < ``d_margin``], where m_t, a moving
@@ -11,7 +11,7 @@ Forgetting" (ICML). Entropy minimisation of the normalisation affine parameters 
 - weighting: S(x) = 1 / exp(E(x) - E_0), so the loss is 1/B sum_i S(x_i) E(x_i) over the kept
   samples (B: their number).
 
-The anti-forgetting term (Eq. 9), ``fisher_alpha`` * sum_i F(theta_i) (theta_i - theta_i^o)^2,
+The anti-forgetting term, ``fisher_alpha`` * sum_i F(theta_i) (theta_i - theta_i^o)^2,
 needs source images to estimate the diagonal Fisher information F (the squared gradient of the
 cross-entropy to the model's own predictions, averaged over the source batches): it is off by
 default (``fisher_alpha`` = 0; the paper uses 2000 with 2000 images) and, when on, ``run`` takes
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from clinadapt.errors import ConfigError
-from clinadapt.tta.base import TTA_METHODS, Session, TTAResult, entropy
+from clinadapt.tta.base import TTA_METHODS, Session, TTAResult, check_batch, entropy
 from clinadapt.tta.gradient import (
     NormAffineMethod,
     NormAffineSession,
@@ -86,8 +86,8 @@ class EATASession(NormAffineSession):
         batches = images = 0
         like = self.params[0]
         with torch.enable_grad():
-            for batch in source:
-                x = batch.to(device=like.device, dtype=like.dtype)
+            for index, batch in enumerate(source):
+                x = check_batch(batch, f"source batch {index}", like)
                 logits = self.model(x)
                 self.optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(logits, logits.argmax(1)).backward()
@@ -134,7 +134,7 @@ class EATASession(NormAffineSession):
         return probs.detach()
 
     def _anti_forgetting(self) -> torch.Tensor | float:
-        """Eq. 9's penalty, 0 without a Fisher estimate."""
+        """The Fisher penalty, 0 without a Fisher estimate."""
         if not self.fisher:
             return 0.0
         penalty = sum(

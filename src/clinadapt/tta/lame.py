@@ -3,12 +3,12 @@
 Boudiaf, Mueller, Ben Ayed and Bertinetto 2022, "Parameter-free Online Test-time Adaptation"
 (CVPR). The model is not touched (eval mode); only its outputs change. For a batch with source
 probabilities p_i and L2-normalised features z_i, LAME finds assignments y_i on the simplex that
-minimise (Eq. 3, lambda = 1)
+minimise (lambda = 1)
 
     L(Y) = -sum_i y_i . log p_i - sum_{i,j} w_ij y_i . y_j + sum_i y_i . log y_i,
 
 with w_ij = 1 if z_j is among the ``knn`` nearest neighbours (Euclidean) of z_i, else 0. The
-concave-convex procedure gives the fixed-point iteration (Eq. 6)
+concave-convex procedure gives the fixed-point iteration
 
     y_i <- softmax(log p_i + sum_j w_ij y_j),
 
@@ -57,7 +57,7 @@ def knn_affinity(features: torch.Tensor, k: int) -> torch.Tensor:
 def laplacian_assignments(
     probs: torch.Tensor, kernel: torch.Tensor, max_steps: int
 ) -> torch.Tensor:
-    """Minimise L(Y) by the fixed-point iteration of Eq. 6 (see the module docstring)."""
+    """Minimise L(Y) by the fixed-point iteration of the module docstring."""
     unary = -torch.log(probs + 1e-10)
     y = (-unary).softmax(1)
     previous = float("inf")

@@ -3,12 +3,12 @@
 Niu, Wu, Zhang, Wen, Chen, Zhao and Tan 2023, "Towards Stable Test-Time Adaptation in Dynamic Wild
 World" (ICLR). On the normalisation affine parameters Theta (see ``gradient``):
 
-- reliable samples (Eq. 2): S(x) = 1[E(x) < E_0], with E_0 = ``margin`` * ln C (0.4 ln C);
-- sharpness-aware entropy (Eqs. 3-5, SAM with radius ``rho``): the step ascends to
+- reliable samples: S(x) = 1[E(x) < E_0], with E_0 = ``margin`` * ln C (0.4 ln C);
+- sharpness-aware entropy (SAM with radius ``rho``): the step ascends to
   Theta + eps, eps = rho * g / ||g||_2 with g the gradient of the mean reliable entropy, takes the
   gradient of the entropy there over the samples still reliable at Theta + eps, and applies it
   (SGD, momentum 0.9) at Theta;
-- model recovery (Sec. 4.3): e_m = 0.9 e_{m-1} + 0.1 L_t tracks the loss of the second pass; when
+- model recovery: e_m = 0.9 e_{m-1} + 0.1 L_t tracks the loss of the second pass; when
   e_m < e_0 the model has collapsed (trivial, over-confident predictions) and is reset to the
   source state (counted in ``collapses``); the moving average restarts with it.
 

@@ -5,11 +5,10 @@ Generalization" (NeurIPS). The backbone and head stay as trained (eval mode); th
 replaced by class prototypes of test features:
 
 - supports S_k start as the head's weight row w_k (pseudo-labelled by the head itself);
-- each test feature z joins the supports of its pseudo-label argmax_k (w_k z + b_k) (Eq. 5);
-- filtering: only the M = ``filter_k`` supports of lowest prediction entropy per class are kept
-  (Eq. 6);
+- each test feature z joins the supports of its pseudo-label argmax_k (w_k z + b_k);
+- filtering: only the M = ``filter_k`` supports of lowest prediction entropy per class are kept;
 - prototypes: c_k = sum_{z in S_k} z / ||z||, normalised, and the logits are z . c_k / ||c_k||
-  (Eq. 4; no bias, no temperature, as in the paper's code).
+  (no bias, no temperature, as in the paper's code).
 
 A batch is predicted with the supports after it joined them. Continual mode keeps the supports
 across the test stream, as in the paper; episodic mode starts each batch from the head's rows.

@@ -2,8 +2,8 @@
 
 Wang, Shelhamer, Liu, Olshausen and Darrell 2021, "Tent: Fully Test-time Adaptation by Entropy
 Minimization" (ICLR). Each test batch is normalised with its own statistics and the affine
-parameters (gamma, beta) of the normalisation layers take ``steps`` SGD steps on the mean
-prediction entropy (Eq. 1; with the modulation of Eq. 2, x_hat = gamma * (x - mu) / sigma + beta):
+parameters (gamma, beta) of the normalisation layers, x_out = gamma * (x - mu) / sigma + beta,
+take ``steps`` SGD steps on the mean prediction entropy
 
     L(x) = 1/B sum_i H(y_hat_i),    H(y_hat) = -sum_c p(y_hat_c) log p(y_hat_c).
 
