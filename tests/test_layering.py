@@ -24,6 +24,7 @@ LAYERS = [
     {"backbones"},
     {"engine"},
     {"adapt"},
+    {"tta"},
     {"ssl"},
     {"runner"},
     {"cli", "__main__"},
