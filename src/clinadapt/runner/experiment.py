@@ -11,9 +11,11 @@ import numpy as np
 
 from clinadapt.config import to_dict
 from clinadapt.data.info import DatasetInfo
+from clinadapt.data.shifts import ShiftedSplit, apply_shift, parse_shift
 from clinadapt.runner.common import (
     backbone_summary,
     dataset_summary,
+    dataset_task,
     labels_used,
     make_preprocess,
     protocol,
@@ -99,6 +101,12 @@ class ExperimentConfig:
     bootstrap: int = _opt(1000, "run", "bootstrap resamples for 95% CIs")
     trust_pickle: bool = _opt(False, "place", "allow loading pickle (.pt/.pth/.bin) checkpoints")
     cache_dir: str | None = _opt(None, "place", "feature cache (default: $CLINADAPT_CACHE)")
+    shift: str = _opt(
+        "none",
+        "features",
+        "test set: none, medmnistc:<corruption|all>:<severity 1-5|lo-hi>, size:<n> (another "
+        "released size) or target:<folder or .csv>",
+    )
 
     def __post_init__(self) -> None:
         """Bad numbers fail here, before any data is read or feature extracted."""
@@ -111,6 +119,8 @@ class ExperimentConfig:
                 rule = "must not be negative" if low == 0 else f"must be at least {low}"
                 raise ConfigError(f"{key} {rule}, got {value}")
         self.val_shots_value()
+        if parse_shift(self.shift).kind != "none" and dataset_task(self).dense_targets:
+            raise ConfigError(f"shift={self.shift!r}: shifted test sets are for classification")
 
     def shots_value(self) -> int | str:
         return _budget(self.shots, "shots")
@@ -163,7 +173,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
+    dataset = apply_shift(load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size), cfg.shift)
     timings["load_data_s"] = time.perf_counter() - start
     task = task_for(dataset.info.task)
 
@@ -205,6 +215,8 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
             "max_slices": cfg.max_slices if slices else None,
             "versions": versions,
         }
+        if isinstance(split, ShiftedSplit):
+            parts["shift"] = split.provenance
         start = time.perf_counter()
         features[split_name], hits[split_name] = cache.get_or_compute(
             parts,

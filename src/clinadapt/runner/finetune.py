@@ -36,6 +36,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.backbones import create_backbone
     from clinadapt.data import load_dataset
     from clinadapt.data.dataset import Subset
+    from clinadapt.data.shifts import apply_shift
     from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine.predict import predict_proba
     from clinadapt.engine.train import train
@@ -44,7 +45,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     from clinadapt.tasks import task_for
 
     setup_start = time.perf_counter()
-    dataset = load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size)
+    dataset = apply_shift(load_dataset(cfg.dataset, root=cfg.data_root, size=cfg.size), cfg.shift)
     info = dataset.info
     task = task_for(info.task)
     train_cfg = train_config(cfg, task)

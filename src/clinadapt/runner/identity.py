@@ -41,6 +41,7 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
     dataset's task's choice, paths made absolute."""
     from clinadapt.adapt import METHODS
     from clinadapt.config import from_dict, to_dict
+    from clinadapt.data.shifts import canonical_shift
     from clinadapt.runner.common import dataset_task, head_kind, resize_mode
 
     method = METHODS.get(cfg.method)
@@ -53,6 +54,9 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
         head_kind(cfg, task)
         options.pop("head")
     options["dataset"] = _location(cfg.dataset)
+    options["shift"] = canonical_shift(cfg.shift)
+    if options["shift"] == "none":  # runs on the clean test set keep their ids
+        options.pop("shift")
     options["weights"] = _location(cfg.weights)
     options["shots"] = str(cfg.shots_value())
     options["val_shots"] = str(cfg.val_shots_value())
