@@ -8,7 +8,11 @@ SHARED := $(abspath ../shared)
 DEMO_DATA ?= $(or $(CLINADAPT_DATA),$(wildcard $(SHARED)/data/medmnist))
 DEMO_WEIGHTS ?= $(or $(CLINADAPT_WEIGHTS),$(wildcard $(SHARED)/weights))
 
-.PHONY: setup demo test format benchmarks clean
+# MedMNIST-C corruptions: medmnistc pins medmnist==3.0.1 and scikit-image==0.23.2, which its
+# corruptions do not need, so it is installed without its dependencies (clinadapt[shift] has them).
+MEDMNISTC ?= medmnistc==0.1.0
+
+.PHONY: setup system-deps demo test format benchmarks clean
 
 setup: $(STAMP)
 
@@ -17,8 +21,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(MEDMNISTC)
+	@$(MAKE) --no-print-directory system-deps
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# ImageMagick's MagickWand library (for Wand, MedMNIST-C's motion blur): installed with apt-get
+# when running as root, else named; the MedMNIST-C tests are skipped without it.
+system-deps:
+	@ldconfig -p 2>/dev/null | grep -q libMagickWand || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends imagemagick; \
+	  else \
+	    echo "MedMNIST-C shifts need ImageMagick: apt-get install imagemagick (macOS: brew install imagemagick)"; \
+	  fi; }
 
 demo: $(STAMP)
 	CLINADAPT_DATA=$(DEMO_DATA) CLINADAPT_WEIGHTS=$(DEMO_WEIGHTS) $(VENV)/bin/clinadapt quickstart

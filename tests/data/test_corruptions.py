@@ -11,6 +11,7 @@ from PIL import Image
 pytest.importorskip(
     "medmnistc.corruptions.registry",
     reason="medmnistc not installed (clinadapt[shift], --no-deps medmnistc, MagickWand library)",
+    exc_type=ImportError,  # Wand raises ImportError when the MagickWand library is missing
 )
 
 from clinadapt.data import load_dataset

@@ -32,8 +32,8 @@ INSTALL = (
     "MedMNIST-C corruptions need medmnistc, Wand and ImageMagick's MagickWand library: "
     f"pip install 'clinadapt[shift]' && pip install --no-deps {MEDMNISTC} (--no-deps: it pins "
     "medmnist==3.0.1 and scikit-image==0.23.2, which its corruptions do not need), and "
-    "apt-get install libmagickwand-6.q16-6 (Debian/Ubuntu; macOS: brew install imagemagick); "
-    "`make setup` installs the Python packages"
+    "apt-get install imagemagick (macOS: brew install imagemagick); `make setup` does all "
+    "three"
 )
 
 
