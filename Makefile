@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml
 system-deps:
 	@ldconfig -p 2>/dev/null | grep -q libMagickWand || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && apt-get install -y -qq --no-install-recommends imagemagick; \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends imagemagick; } \
+	      || echo "could not install ImageMagick: MedMNIST-C shifts (and their tests) are unavailable"; \
 	  else \
 	    echo "MedMNIST-C shifts need ImageMagick: apt-get install imagemagick (macOS: brew install imagemagick)"; \
 	  fi; }
