@@ -111,8 +111,10 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
                 volume_mode="axial" if slice_volumes else None,
                 max_slices=train_cfg.max_slices or None,
             )
-            adapted = tta.trained_model(model, slice_volumes)
-            scores, tta_block = tta.adapt(adapted, batches, **tta.settings(cfg), inputs="images")
+            adapted = tta.trained_model(model, slice_volumes, result.precision)
+            scores, tta_block = tta.adapt(
+                adapted, batches, **tta.settings(cfg), inputs="images", precision=result.precision
+            )
     predict_s = time.perf_counter() - start
     if cfg.tta == "none":
         tta_block = tta.unadapted_block(predict_s, len(test_split))

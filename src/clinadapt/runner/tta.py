@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 ADAPTIVE_TEMPERATURE = ("off", "output", "attention", "both")
 TTA_FIELDS = ("tta", "tta_options", "tta_mode", "tta_batch_size")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_OP_NOTE = (
     "the output rule is a no-op here: binary and multi-label outputs are softmaxes over two "
     "values, whose entropy is at most ln 2 = 0.693 nats, and the polynomial stays below 1 (so "
@@ -146,15 +147,17 @@ def check_test_time(cfg: Any, task: TaskType | None = None) -> None:
         )
 
 
-def trained_model(model: AdaptedModel, slices: bool) -> TTAModel:
-    """A trained classification run's model as test-time adaptation sees it; with ``slices``
-    (volumes through a 2D backbone) its features are the mean over slices, so the linear head
-    gives the mean of the slice logits, as the run's own predictions."""
+def trained_model(model: AdaptedModel, slices: bool, precision: str = "fp32") -> TTAModel:
+    """A trained classification run's model as test-time adaptation sees it, its backbone
+    computing in the run's ``precision``; with ``slices`` (volumes through a 2D backbone) its
+    features are the mean over slices, so the linear head gives the mean of the slice logits,
+    as the run's own predictions."""
     from clinadapt.tta import TTAModel
 
-    if not slices:
+    if not slices and precision == "fp32":
         return TTAModel.from_adapted(model)
-    return TTAModel(SliceFeatures(model.backbone), model.head, name=model.backbone.name)
+    features = SliceFeatures(model.backbone) if slices else model.backbone
+    return TTAModel(at_precision(features, precision), model.head, name=model.backbone.name)
 
 
 def probe_model(probe: LinearProbe, features: nn.Module, name: str) -> TTAModel:
@@ -165,6 +168,28 @@ def probe_model(probe: LinearProbe, features: nn.Module, name: str) -> TTAModel:
     return TTAModel.from_linear_probe(
         features, head.coef, head.intercept, head.mean, head.scale, name=name
     )
+
+
+def at_precision(features: nn.Module, precision: str) -> nn.Module:
+    """``features`` computing under the autocast of ``precision`` (bf16, fp16) with float32
+    outputs, as the run's backbone computed its features or predictions; the head, softmax and
+    the methods' losses stay in float32. fp32 returns ``features`` itself."""
+    return features if precision == "fp32" else Autocast(features, precision)
+
+
+class Autocast(nn.Module):
+    """A module run under bf16 or fp16 autocast, its output cast to float32."""
+
+    def __init__(self, module: nn.Module, precision: str) -> None:
+        super().__init__()
+        if precision not in AUTOCAST_DTYPES:
+            raise ConfigError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
+        self.module, self.precision = module, precision
+        self.name = getattr(module, "name", type(module).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.precision]):
+            return self.module(x).float()
 
 
 def image_batches(
@@ -228,9 +253,11 @@ def adapt(
     batch_size: int,
     seed: int,
     inputs: str,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Test probabilities from tta ``name`` on ``batches`` (in test order), and the record's
-    ``tta`` block; ``inputs`` says what the batches hold (images or extracted features)."""
+    ``tta`` block; ``inputs`` says what the batches hold (images or extracted features),
+    ``precision`` what ``model``'s features compute in (``at_precision``)."""
     from clinadapt.tta import create_tta
 
     result = create_tta(name, options).run(model, batches, mode=mode, seed=seed)
@@ -244,7 +271,7 @@ def adapt(
         "options": stats["options"],
         "seed": seed,
         "inputs": inputs,
-        "precision": "fp32",
+        "precision": precision,
         "stats": {**{key: stats[key] for key in counts}, "details": stats["details"]},
         "seconds": result.seconds,
         "seconds_per_image": result.seconds / max(result.examples, 1),
@@ -272,7 +299,7 @@ def frozen_predictions(
             return method.predict_proba(features), None, patched
         if adapts_network(cfg.tta):
             trunk = SliceFeatures(backbone) if source.slices else backbone
-            model = probe_model(method, trunk, backbone.name)
+            model = probe_model(method, at_precision(trunk, source.precision), backbone.name)
             model.to(next(backbone.parameters()).device)
             batches = image_batches(
                 source.images["test"],
@@ -281,12 +308,12 @@ def frozen_predictions(
                 volume_mode=source.volume_mode if source.slices else None,
                 max_slices=source.max_slices,
             )
-            inputs = "images"
+            inputs, precision = "images", source.precision
         else:
             model = probe_model(method, nn.Identity(), backbone.name)
             batches = feature_batches(features, cfg.tta_batch_size)
-            inputs = "extracted features"
-        probs, block = adapt(model, batches, **settings(cfg), inputs=inputs)
+            inputs, precision = "extracted features", "fp32"
+        probs, block = adapt(model, batches, **settings(cfg), inputs=inputs, precision=precision)
     return probs, block, patched
 
 
