@@ -84,10 +84,6 @@ def active(cfg: Any) -> bool:
     return cfg.tta != "none" or cfg.adaptive_temperature != "off"
 
 
-def attention_on(cfg: Any) -> bool:
-    return cfg.adaptive_temperature in ("attention", "both")
-
-
 def output_on(cfg: Any) -> bool:
     return cfg.adaptive_temperature in ("output", "both")
 
@@ -289,6 +285,8 @@ def frozen_predictions(
     backbone and test images for what features alone cannot do: adaptive attention (the test
     features are extracted again through the patched backbone) and tta methods that adapt the
     network (the probe then runs on top of the backbone, on the test images)."""
+    from clinadapt.engine.precision import resolve_device
+
     if active(cfg) and source is None:
         raise ConfigError("test-time options need the run's backbone and images (a FeatureSource)")
     backbone = source.backbone if source is not None else None
@@ -300,7 +298,7 @@ def frozen_predictions(
         if adapts_network(cfg.tta):
             trunk = SliceFeatures(backbone) if source.slices else backbone
             model = probe_model(method, at_precision(trunk, source.precision), backbone.name)
-            model.to(next(backbone.parameters()).device)
+            model.to(resolve_device())  # where extraction runs (cached features ran nothing)
             batches = image_batches(
                 source.images["test"],
                 source.preprocess,
@@ -323,19 +321,19 @@ def unadapted_block(predict_s: float, n: int) -> dict[str, Any]:
     return {"method": "none", "applied": False, "seconds_per_image": predict_s / max(n, 1)}
 
 
-def attention_patch(cfg_mode: str, module: nn.Module) -> contextlib.AbstractContextManager:
-    """``adaptive_attention(module)`` when ``cfg_mode`` includes attention, else nothing; the
-    context yields the number of patched attention modules (0 when off)."""
+def attention_patch(mode: str, module: nn.Module | None) -> contextlib.AbstractContextManager:
+    """``adaptive_attention(module)`` when the adaptive-temperature ``mode`` includes attention,
+    else nothing; the context yields the number of patched attention modules (0 when off)."""
     from clinadapt.backbones.adaptive_attention import adaptive_attention
 
-    if cfg_mode in ("attention", "both"):
+    if mode in ("attention", "both"):
         return adaptive_attention(module)
     return contextlib.nullcontext(0)
 
 
-def check_attention(cfg_mode: str, module: nn.Module) -> None:
-    """Fail before training or fitting when the backbone has no attention to patch."""
-    with attention_patch(cfg_mode, module):
+def check_attention(mode: str, module: nn.Module) -> None:
+    """Fail before training when the backbone has no attention to patch."""
+    with attention_patch(mode, module):
         pass
 
 
