@@ -148,6 +148,10 @@ class TestTimeAdaptation:
     batch_size: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"the tta batch size must be at least 1, got {self.batch_size}")
+
 
 def predict_files(
     run_dir: str | Path,
@@ -235,17 +239,12 @@ def _check_tta(
     """Refuse what test-time adaptation cannot do, before reading any input."""
     from clinadapt.runner.tta import trained_model
     from clinadapt.tta import create_tta
-    from clinadapt.tta.base import MODES
 
     if not task.single_label:
         raise ConfigError(
             f"--tta {tta.name}: test-time adaptation methods adapt a softmax over classes, and "
             f"{run_dir} is a multi-label run (one sigmoid per label)"
         )
-    if tta.mode not in MODES:
-        raise ConfigError(f"--tta-mode must be one of {list(MODES)}, got {tta.mode!r}")
-    if tta.batch_size < 1:
-        raise ConfigError(f"--tta-batch-size must be at least 1, got {tta.batch_size}")
     create_tta(tta.name, tta.options).check(trained_model(model, slices))
 
 
