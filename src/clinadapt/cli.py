@@ -16,7 +16,8 @@ from typing import Any
 from clinadapt.errors import ChecksumWarning, ClinadaptError, ConfigError, UnknownNameError
 from clinadapt.registry import did_you_mean
 
-NESTED = ("method_options", "train", "view_options")  # method.K=V, train.K=V, views.K=V
+NESTED = ("method_options", "train", "view_options", "tta_options")
+"""Options set as key=value: method.K=V, train.K=V, views.K=V, tta.K=V."""
 PER_METHOD = "per_method_options"  # method.NAME.K=V: an option of one method in a grid
 
 
@@ -56,8 +57,8 @@ def _collect(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str,
 
 
 def _split_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` overrides; ``method.k=10`` and ``train.epochs=5`` set nested options,
-    ``method.knn.k=10`` an option of one method."""
+    """``key=value`` overrides; ``method.k=10``, ``train.epochs=5`` and ``tta.lr=0.001`` set
+    nested options, ``method.knn.k=10`` an option of one method."""
     from clinadapt.config import parse_overrides
 
     parsed = parse_overrides(items)
@@ -72,6 +73,8 @@ def _split_overrides(items: list[str]) -> dict[str, Any]:
             out.setdefault("train", {})[key.removeprefix("train.")] = value
         elif key.startswith("views."):
             out.setdefault("view_options", {})[key.removeprefix("views.")] = value
+        elif key.startswith("tta."):
+            out.setdefault("tta_options", {})[key.removeprefix("tta.")] = value
         else:
             out[key] = value
     return out
@@ -224,7 +227,6 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clinadapt.adapt import METHODS
     from clinadapt.runner.experiment import ExperimentConfig, run_experiment
     from clinadapt.runner.records import (
         check_writable,
@@ -247,8 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"{out} exists; add --force to replace it or choose another --out"
                 )
-            if METHODS.get(cfg.method).kind == "prompted":  # overlays where reports look
-                run_dir = out.with_suffix("")
+            run_dir = out.with_suffix("")  # overlays and reliability diagram where reports look
     record = run_experiment(cfg, run_dir=run_dir, progress=not args.quiet)
     if out:
         write_json_atomic(out, record)
@@ -406,6 +407,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from clinadapt.runner.records import check_writable
 
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
+    tta = _tta_from_args(args)
+    if tta is not None and run_task(args.run_dir) != "classification":
+        raise ConfigError(
+            f"--tta {tta.name}: test-time adaptation applies to classification runs, and "
+            f"{args.run_dir} is a {run_task(args.run_dir)} run; drop --tta"
+        )
     if run_task(args.run_dir) == "segmentation":
         out = args.out or "predictions"
         if Path(out).suffix.lower() == ".csv":
@@ -419,8 +426,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     out = args.out or "predictions.csv"
     check_writable(out, "CSV file")
-    print(f"predictions written to {predict_files(args.run_dir, args.inputs, out, **options)}")
+    written = predict_files(args.run_dir, args.inputs, out, tta=tta, **options)
+    print(f"predictions written to {written}")
     return 0
+
+
+def _tta_from_args(args: argparse.Namespace) -> Any:
+    """``predict``'s test-time adaptation, or None without ``--tta``; its options only with it."""
+    from clinadapt.config import parse_overrides
+    from clinadapt.runner.predict import TestTimeAdaptation
+
+    given = [
+        flag
+        for flag, value in (
+            ("--tta-mode", args.tta_mode),
+            ("--tta-batch-size", args.tta_batch_size),
+            ("--tta-option", args.tta_option),
+        )
+        if value
+    ]
+    if args.tta in (None, "none"):
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} given without --tta; add --tta NAME or drop them"
+            )
+        return None
+    return TestTimeAdaptation(
+        name=args.tta,
+        options=parse_overrides(args.tta_option or []),
+        mode=args.tta_mode or "episodic",
+        batch_size=args.tta_batch_size or 64,
+        seed=args.tta_seed,
+    )
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -499,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides",
             nargs="*",
             metavar="key=value",
-            help="overrides; method.NAME=VALUE sets a method option, train.NAME=VALUE training",
+            help="overrides; method.NAME=VALUE sets a method option, train.NAME=VALUE training, "
+            "tta.NAME=VALUE a test-time adaptation option",
         )
         p.set_defaults(func=cmd_run)
 
@@ -580,6 +618,30 @@ def build_parser() -> argparse.ArgumentParser:
         "masks.csv with each mask's class sizes (default: predictions/)",
     )
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--tta",
+        default=None,
+        metavar="NAME",
+        help="classification runs: adapt a copy of the model to the inputs while predicting "
+        "them (bn, tent, sar, eata, t3a, lame; the run's files are not changed)",
+    )
+    p.add_argument(
+        "--tta-mode",
+        default=None,
+        choices=["episodic", "continual"],
+        help="episodic (default: reset before every batch) or continual",
+    )
+    p.add_argument(
+        "--tta-batch-size", type=int, default=None, help="inputs per adaptation batch (default 64)"
+    )
+    p.add_argument(
+        "--tta-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="an option of the tta method, e.g. lr=0.001; repeat for more",
+    )
+    p.add_argument("--tta-seed", type=int, default=0, help="seed of the adaptation (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 

@@ -117,3 +117,35 @@ def test_fitted_parameters_count_the_probe_weights():
     assert create_method("knn").fit(x, y, TaskType.MULTICLASS, 3).fitted_parameters() == 0
     proto = create_method("prototype").fit(x, y, TaskType.MULTICLASS, 3)
     assert proto.fitted_parameters() == 3 * 7 + 7
+
+
+@pytest.mark.parametrize("task", [TaskType.BINARY, TaskType.MULTICLASS])
+def test_linear_head_gives_the_probe_s_probabilities(task, noisy, num_classes):
+    from scipy.special import expit, softmax
+
+    (x, y), (xv, _) = noisy(task, 60, 0), noisy(task, 30, 1)
+    probe = create_method("linear").fit(x, y, task, num_classes[task])
+    head = probe.linear_head()
+    z = ((xv - head.mean) / head.scale) @ head.coef.T + head.intercept
+    if task is TaskType.BINARY:
+        assert head.coef.shape == (1, x.shape[1])
+        expected = np.concatenate([1 - expit(z), expit(z)], axis=1)
+    else:
+        expected = softmax(z, axis=1)
+    np.testing.assert_allclose(probe.predict_proba(xv), expected, atol=1e-10)
+    head.coef[:] = 0  # a copy: the probe is unchanged
+    np.testing.assert_allclose(probe.predict_proba(xv), expected, atol=1e-10)
+
+
+def test_linear_head_is_refused_where_no_softmax_head_exists(noisy, num_classes):
+    from clinadapt.errors import ClinadaptError
+
+    x, y = noisy(TaskType.MULTILABEL, 60, 0)
+    probe = create_method("linear").fit(x, y, TaskType.MULTILABEL, num_classes[TaskType.MULTILABEL])
+    with pytest.raises(ClinadaptError, match="multi-label"):
+        probe.linear_head()
+    x, y = noisy(TaskType.MULTICLASS, 60, 0)
+    keep = y[:, 0] != 0
+    partial = create_method("linear").fit(x[keep], y[keep], TaskType.MULTICLASS, 4)
+    with pytest.raises(ClinadaptError, match="saw only classes"):
+        partial.linear_head()

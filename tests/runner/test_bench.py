@@ -117,11 +117,11 @@ def test_interrupted_bench_keeps_finished_runs_and_resumes(tmp_path, monkeypatch
     real = bench.run_on_features
     calls = {"n": 0}
 
-    def interrupt_on_third_run(cfg, bundle):
+    def interrupt_on_third_run(cfg, bundle, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(cfg, bundle)
+        return real(cfg, bundle, **kwargs)
 
     grid = tiny_grid()
     monkeypatch.setattr(bench, "run_on_features", interrupt_on_third_run)
@@ -170,10 +170,10 @@ def test_an_unexpected_error_in_one_run_is_recorded_and_the_grid_goes_on(tmp_pat
 
     real = bench.run_on_features
 
-    def broken_for_knn(cfg, bundle):
+    def broken_for_knn(cfg, bundle, **kwargs):
         if cfg.method == "knn":
             raise RuntimeError("boom")
-        return real(cfg, bundle)
+        return real(cfg, bundle, **kwargs)
 
     monkeypatch.setattr(bench, "run_on_features", broken_for_knn)
     counts = run_grid(tiny_grid(seeds=1), tmp_path, progress=False)

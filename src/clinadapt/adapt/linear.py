@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from clinadapt.adapt._checks import check_fit_inputs, check_query
 from clinadapt.adapt.base import METHODS, FrozenFeatureMethod
 from clinadapt.data.info import TaskType
-from clinadapt.errors import ConfigError
+from clinadapt.errors import ClinadaptError, ConfigError
 
 
 @dataclass
@@ -43,6 +43,18 @@ class LinearConfig:
             )
         if self.max_iter < 1:
             raise ConfigError(f"linear: max_iter must be at least 1, got {self.max_iter}")
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A fitted single-label probe as a linear map: logits = ``coef`` @ ((x - ``mean``) /
+    ``scale``) + ``intercept``, with scikit-learn's shapes: ``coef`` (C, D) for C >= 3 classes,
+    (1, D) for a binary probe (the logit of class 1)."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
 
 
 @dataclass
@@ -184,6 +196,29 @@ class LinearProbe(FrozenFeatureMethod):
 
     def selected(self) -> dict[str, Any]:
         return dict(self._selected)
+
+    def linear_head(self) -> LinearHead:
+        """The fitted probe as a ``LinearHead`` (copies), for code that runs it as a network
+        layer (test-time adaptation). Only single-label probes that saw every class have one."""
+        if self._scaler is None:
+            raise ClinadaptError("the linear probe is not fitted yet; call fit first")
+        if not self._task.single_label:
+            raise ClinadaptError(
+                "a multi-label probe is one binary probe per label (sigmoids), not one linear "
+                "softmax head"
+            )
+        model = self._probes[0].model
+        if model is None or len(model.classes_) != self._num_classes:
+            seen = [self._probes[0].constant] if model is None else model.classes_.tolist()
+            raise ClinadaptError(
+                f"the linear probe saw only classes {seen} of {self._num_classes} in its "
+                "support set, so it has no logit for the others; use more shots"
+            )
+        scaler = self._scaler
+        scale = scaler.scale_ if scaler.scale_ is not None else np.ones(scaler.n_features_in_)
+        return LinearHead(
+            model.coef_.copy(), model.intercept_.copy(), scaler.mean_.copy(), scale.copy()
+        )
 
 
 METHODS.register("linear", LinearProbe)

@@ -310,8 +310,9 @@ def _run_one(
     bundles: dict[str, FeatureBundle | Exception],
     progress: bool,
 ) -> dict[str, Any]:
-    """One run of the grid; frozen-feature runs share the features held in ``bundles``; trained
-    and prompted runs keep their files in the folder named like the record."""
+    """One run of the grid; frozen-feature runs share the features held in ``bundles``; every
+    run keeps its files (checkpoints, overlays, reliability diagram) in the folder named like the
+    record."""
     kind = method_kind(cfg.method)
     if kind in ("finetune", "prompted"):
         run_dir = path.with_suffix("")
@@ -327,4 +328,4 @@ def _run_one(
     bundle = bundles[key]
     if isinstance(bundle, Exception):
         raise bundle
-    return run_on_features(cfg, bundle)
+    return run_on_features(cfg, bundle, run_dir=path.with_suffix(""), progress=progress)

@@ -99,6 +99,30 @@ class ExperimentConfig:
     )
     allow_fewer_shots: bool = _opt(False, "run", "use all examples of a class smaller than shots")
     bootstrap: int = _opt(1000, "run", "bootstrap resamples for 95% CIs")
+    tta: str = _opt(
+        "none",
+        "run",
+        "test-time adaptation of a single-label classifier at evaluation: none, bn, tent, sar, "
+        "eata, t3a or lame (trained runs and linear probes; see clinadapt.tta)",
+    )
+    tta_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "options of the tta method (tta.NAME=VALUE)", "scope": "run"},
+    )
+    tta_mode: str = _opt(
+        "episodic",
+        "run",
+        "episodic (reset to the source model before every test batch) or continual (keep "
+        "adapting along the test stream)",
+    )
+    tta_batch_size: int = _opt(64, "run", "test images per test-time adaptation batch")
+    adaptive_temperature: str = _opt(
+        "off",
+        "run",
+        "adaptive-temperature softmax at inference (Velickovic et al. 2024): off, output "
+        "(the classifier's softmax), attention (timm ViTs' attention softmax) or both; the "
+        "output rule is a no-op for binary and multi-label classifiers",
+    )
     trust_pickle: bool = _opt(False, "place", "allow loading pickle (.pt/.pth/.bin) checkpoints")
     cache_dir: str | None = _opt(None, "place", "feature cache (default: $CLINADAPT_CACHE)")
     shift: str = _opt(
@@ -111,8 +135,16 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         """Bad numbers fail here, before any data is read or feature extracted."""
         from clinadapt.errors import ConfigError
+        from clinadapt.runner.tta import check_choices
 
-        bounds = {"seed": 0, "bootstrap": 0, "batch_size": 1, "input_size": 1, "max_slices": 1}
+        bounds = {
+            "seed": 0,
+            "bootstrap": 0,
+            "batch_size": 1,
+            "input_size": 1,
+            "max_slices": 1,
+            "tta_batch_size": 1,
+        }
         for key, low in bounds.items():
             value = getattr(self, key)
             if value is not None and value < low:
@@ -121,6 +153,7 @@ class ExperimentConfig:
         self.val_shots_value()
         if parse_shift(self.shift).kind != "none" and dataset_task(self).dense_targets:
             raise ConfigError(f"shift={self.shift!r}: shifted test sets are for classification")
+        check_choices(self)
 
     def shots_value(self) -> int | str:
         return _budget(self.shots, "shots")
@@ -147,6 +180,40 @@ def _budget(value: Any, name: str) -> int | str:
 
 
 @dataclass
+class FeatureSource:
+    """What a frozen run's test-time options need beyond the features: the backbone, its
+    preprocessing and the images of every split, embedded as ``prepare_features`` did."""
+
+    backbone: Any
+    preprocess: Any
+    images: dict[str, Any]
+    precision: str
+    batch_size: int
+    slices: bool
+    """Volumes through a 2D backbone, slice by slice (``volume_mode``, ``max_slices``)."""
+    volume_mode: str
+    max_slices: int | None
+
+    def extract(self, split: str, *, progress: bool = True) -> np.ndarray:
+        """The features of ``split`` computed again (not cached): for a backbone changed at
+        inference time, such as adaptive attention."""
+        from clinadapt.engine import extract_features
+
+        return extract_features(
+            self.backbone,
+            self.images[split],
+            self.preprocess,
+            batch_size=self.batch_size,
+            precision=self.precision,
+            volume_mode=self.volume_mode,
+            max_slices=self.max_slices,
+            is_volume=self.slices,
+            progress=progress,
+            desc=f"{split} {self.backbone.name}",
+        )
+
+
+@dataclass
 class FeatureBundle:
     """Features of every split for one (dataset, backbone, weights, preprocessing)."""
 
@@ -159,6 +226,7 @@ class FeatureBundle:
     timings: dict[str, float]
     cache_hits: dict[str, bool]
     key: str
+    source: FeatureSource | None = None
 
 
 def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> FeatureBundle:
@@ -255,12 +323,31 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         timings=timings,
         cache_hits=hits,
         key=bundle_key(cfg),
+        source=FeatureSource(
+            backbone=backbone,
+            preprocess=preprocess,
+            images={name: split.images for name, split in dataset.splits.items()},
+            precision=precision,
+            batch_size=cfg.batch_size or EXTRACTION_BATCH,
+            slices=slices,
+            volume_mode=cfg.volume_mode,
+            max_slices=cfg.max_slices,
+        ),
     )
 
 
-def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, Any]:
-    """Sample the support set, fit the method, evaluate on test once; return the record."""
+def run_on_features(
+    cfg: ExperimentConfig,
+    bundle: FeatureBundle,
+    *,
+    run_dir: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Sample the support set, fit the method, evaluate on test once; return the record.
+    ``run_dir``, when given, gets the run's reliability diagram."""
     from clinadapt.adapt import create_method
+    from clinadapt.runner import tta
+    from clinadapt.runner.calibrate import calibration_block
     from clinadapt.runner.identity import run_block
     from clinadapt.runner.records import build_record
     from clinadapt.tasks import task_for
@@ -268,6 +355,7 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     run_start = time.perf_counter()
     info = bundle.info
     task = task_for(info.task)
+    tta.check_test_time(cfg, info.task)
     train_x, train_y = bundle.features["train"], bundle.labels["train"]
     support, actual_shots = sample_support(cfg, info, train_y)
     method = create_method(cfg.method, cfg.method_options)
@@ -281,17 +369,39 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
     )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
-    test_scores = method.predict_proba(bundle.features["test"])
+    test_scores, tta_block, patched = tta.frozen_predictions(
+        cfg, method, bundle.features["test"], bundle.source, progress=progress
+    )
     predict_s = time.perf_counter() - start
+    if tta_block is None:
+        tta_block = tta.unadapted_block(predict_s, len(test_scores))
+    sharpened = None
+    if tta.output_on(cfg):
+        test_scores, sharpened = tta.adaptive_output(test_scores, info.task)
     test_y = bundle.labels["test"]
     metrics: dict[str, Any] = {"test": task.evaluate(test_y, test_scores, info.task)}
+    val_scores = None if val is None else method.predict_proba(val[0])
     if val is not None:
-        metrics["val"] = task.evaluate(val[1], method.predict_proba(val[0]), info.task)
+        metrics["val"] = task.evaluate(val[1], val_scores, info.task)
     if cfg.bootstrap > 0:
         metrics["test_ci95"] = task.bootstrap(
             test_y, test_scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
     uses_val = val is not None and type(method).uses_validation
+    calibration = calibration_block(
+        info.task,
+        test_y,
+        test_scores,
+        (val[1], val_scores) if uses_val else None,
+        not_fitted=(
+            f"method {cfg.method!r} uses no validation labels, and fitting a temperature would "
+            "add labels the run did not use"
+            if val is not None
+            else "the dataset has no validation split"
+        ),
+        run_dir=run_dir,
+        title=f"{info.name}: {bundle.backbone['name']} {cfg.method}{tta.describe(cfg)}, test split",
+    )
     return build_record(
         "frozen",
         to_dict(cfg),
@@ -318,6 +428,11 @@ def run_on_features(cfg: ExperimentConfig, bundle: FeatureBundle) -> dict[str, A
         },
         labels_used=labels_used(len(support), 0 if val is None else len(val[1]), uses_val),
         metrics=metrics,
+        calibration=calibration,
+        tta=tta_block,
+        adaptive_temperature=tta.adaptive_block(
+            cfg.adaptive_temperature, info.task, patched, sharpened
+        ),
         feature_cache_hits=bundle.cache_hits,
         timings={
             **bundle.timings,
@@ -376,7 +491,9 @@ def run_experiment(
     prompted ones write their overlays there when given one."""
     from clinadapt.errors import ConfigError
     from clinadapt.runner.common import dataset_task
+    from clinadapt.runner.tta import check_test_time
 
+    check_test_time(cfg)
     if method_kind(cfg.method) == "prompted":
         from clinadapt.runner.prompted import run_prompted
 
@@ -403,4 +520,5 @@ def run_experiment(
             f"{cfg.dataset}; use a trained head: head (frozen backbone), or one of {trained}"
         )
     check_frozen_options(cfg)
-    return run_on_features(cfg, prepare_features(cfg, progress=progress))
+    bundle = prepare_features(cfg, progress=progress)
+    return run_on_features(cfg, bundle, run_dir=run_dir, progress=progress)

@@ -11,6 +11,8 @@ import torch
 
 from clinadapt.config import to_dict
 from clinadapt.errors import ConfigError
+from clinadapt.runner import tta
+from clinadapt.runner.calibrate import calibration_block
 from clinadapt.runner.common import (
     backbone_summary,
     dataset_summary,
@@ -64,6 +66,7 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
     with torch.random.fork_rng():  # the new head and adapter layers start the same for a seed
         torch.manual_seed(cfg.seed)
         model = method.apply(AdaptedModel(backbone, info.num_classes, task.name))
+    check_trained(cfg, info.task, model, slice_volumes)
     setup_s = time.perf_counter() - setup_start
     run_start = time.perf_counter()
     val_images = val_split.images
@@ -83,20 +86,51 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         volume=slice_volumes,
     )
     adapter_bytes = save_trained(model, method, run_dir)
+
+    def predict(images: Any) -> np.ndarray:
+        return predict_proba(
+            model,
+            images,
+            task=info.task,
+            preprocess=preprocess,
+            batch_size=train_cfg.batch_size,
+            precision=result.precision,
+            volume=slice_volumes,
+            max_slices=train_cfg.max_slices,
+            progress=progress,
+        )
+
     start = time.perf_counter()
-    scores = predict_proba(
-        model,
-        test_split.images,
-        task=info.task,
-        preprocess=preprocess,
-        batch_size=train_cfg.batch_size,
-        precision=result.precision,
-        volume=slice_volumes,
-        max_slices=train_cfg.max_slices,
-        progress=progress,
-    )
+    with tta.attention_patch(cfg.adaptive_temperature, model.backbone) as patched:
+        if cfg.tta == "none":
+            scores = predict(test_split.images)
+        else:
+            batches = tta.image_batches(
+                test_split.images,
+                preprocess,
+                cfg.tta_batch_size,
+                volume_mode="axial" if slice_volumes else None,
+                max_slices=train_cfg.max_slices or None,
+            )
+            adapted = tta.trained_model(model, slice_volumes, result.precision)
+            scores, tta_block = tta.adapt(
+                adapted, batches, **tta.settings(cfg), inputs="images", precision=result.precision
+            )
     predict_s = time.perf_counter() - start
+    if cfg.tta == "none":
+        tta_block = tta.unadapted_block(predict_s, len(test_split))
+    sharpened = None
+    if tta.output_on(cfg):
+        scores, sharpened = tta.adaptive_output(scores, info.task)
     test_y = np.asarray(test_split.labels)
+    calibration = calibration_block(
+        info.task,
+        test_y,
+        scores,
+        (np.asarray(val_split.labels)[val_picked], predict(val_images)),
+        run_dir=run_dir,
+        title=f"{info.name}: {backbone.name} {cfg.method}{tta.describe(cfg)}, test split",
+    )
     metrics: dict[str, Any] = {
         "test": task.evaluate(test_y, scores, info.task),
         "val": result.best_val,
@@ -129,6 +163,11 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         },
         labels_used=labels_used(len(support), len(val_picked), uses_val=True),
         metrics=metrics,
+        calibration=calibration,
+        tta=tta_block,
+        adaptive_temperature=tta.adaptive_block(
+            cfg.adaptive_temperature, info.task, patched, sharpened
+        ),
         history=result.history,
         timings={
             "setup_s": setup_s,
@@ -140,3 +179,16 @@ def run_finetune(cfg: ExperimentConfig, run_dir: Path, *, progress: bool = True)
         },
         peak_memory=result.peak_memory_mb,
     )
+
+
+def check_trained(cfg: ExperimentConfig, task: Any, model: Any, slices: bool) -> None:
+    """Test-time options that cannot apply to this model fail before training: a multi-label
+    task, a tta method the network lacks the layers for, adaptive attention without attention."""
+    if not tta.active(cfg):
+        return
+    tta.check_test_time(cfg, task)
+    tta.check_attention(cfg.adaptive_temperature, model.backbone)
+    if cfg.tta != "none":
+        from clinadapt.tta import create_tta
+
+        create_tta(cfg.tta, cfg.tta_options).check(tta.trained_model(model, slices))

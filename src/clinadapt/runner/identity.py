@@ -43,6 +43,7 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
     from clinadapt.config import from_dict, to_dict
     from clinadapt.data.shifts import canonical_shift
     from clinadapt.runner.common import dataset_task, head_kind, resize_mode
+    from clinadapt.runner.tta import resolve_options
 
     method = METHODS.get(cfg.method)
     task = dataset_task(cfg)
@@ -73,6 +74,7 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
         options["train"] = to_dict(prompted_train_config(cfg, task))
     else:
         options.pop("train")
+    resolve_options(cfg, options)
     return json.loads(json.dumps(options, default=str))
 
 
@@ -96,17 +98,20 @@ def bundle_key(cfg: Any) -> str:
 
 
 def flat_options(resolved: dict[str, Any]) -> dict[str, Any]:
-    """``resolved_options`` as one level: ``method.k``, ``train.lr``; lists become tuples so
-    values can be compared and grouped. The seed is left out (reports aggregate over it), and a
-    validation budget equal to the shots reads ``as shots``, so it does not vary with them."""
-    flat: dict[str, Any] = {}
+    """``resolved_options`` as one level: ``method.k``, ``train.lr``, ``tta.lr``; lists become
+    tuples so values can be compared and grouped. The seed is left out (reports aggregate over
+    it), and a validation budget equal to the shots reads ``as shots``, so it does not vary with
+    them. The test-time options read ``tta=none`` and ``adaptive_temperature=off`` where the run
+    used neither (they are left out of its identity), so such runs differ from those that did."""
+    flat: dict[str, Any] = {"tta": "none", "adaptive_temperature": "off"}
+    nested = {"method_options": "method", "train": "train", "tta_options": "tta"}
     for key, value in resolved.items():
         if key == "seed":
             continue
         if key == "val_shots" and value == resolved.get("shots"):
             value = "as shots"  # the default rule, not an option that differs between rows
-        if key in ("method_options", "train") and isinstance(value, dict):
-            prefix = "method" if key == "method_options" else "train"
+        if key in nested and isinstance(value, dict):
+            prefix = nested[key]
             for inner, v in value.items():
                 if (prefix, inner) != ("train", "seed"):
                     flat[f"{prefix}.{inner}"] = _hashable(v)

@@ -9,6 +9,7 @@ import json
 import zipfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,22 @@ def _read_npz_images(path: Path) -> tuple[str, np.ndarray]:
     return keys[0], images
 
 
+@dataclass(frozen=True)
+class TestTimeAdaptation:
+    """How ``predict_files`` adapts the run's model to the inputs (``clinadapt.tta``): method
+    ``name`` with ``options``, ``mode``, ``batch_size`` inputs per batch, under ``seed``."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    mode: str = "episodic"
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"the tta batch size must be at least 1, got {self.batch_size}")
+
+
 def predict_files(
     run_dir: str | Path,
     inputs: list[str],
@@ -143,22 +160,30 @@ def predict_files(
     *,
     batch_size: int = 32,
     progress: bool = True,
+    tta: TestTimeAdaptation | None = None,
 ) -> Path:
-    """Write ``source, p_<label>..., predicted`` rows, one per input image or volume."""
+    """Write ``source, p_<label>..., predicted`` rows, one per input image or volume. With
+    ``tta``, a copy of the run's model adapts to the inputs, in their order, while predicting
+    them (single-label classification runs; the run's files are only read)."""
     from tqdm.auto import tqdm
 
     from clinadapt.data.info import TaskType
     from clinadapt.data.transforms import slices_volumes
-    from clinadapt.engine.predict import predict_proba
 
     record, model, _, preprocess = load_run(run_dir)
     task = TaskType(record["dataset"]["task"])
     slice_volumes = slices_volumes(record["dataset"]["ndim"], preprocess)
     labels = record["dataset"]["labels"]
     multilabel = record["dataset"]["task"] == "multi-label"
+    if tta is not None:
+        _check_tta(run_dir, task, model, slice_volumes, tta)
     size = record["preprocessing"].get("source_size") or preprocess.input_size
     channels = 3 if record["dataset"].get("channels", 1) == 3 else 1
     items = iter_inputs(inputs, size=size, channels=channels, ndim=record["dataset"]["ndim"])
+    if tta is None:
+        rows = _plain(model, items, task, preprocess, slice_volumes, batch_size)
+    else:
+        rows = _adapted(model, items, preprocess, slice_volumes, batch_size, tta)
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -167,17 +192,7 @@ def predict_files(
             writer = csv.writer(handle)
             writer.writerow(["source", *(f"p_{name}" for name in labels), "predicted"])
             bar = tqdm(desc="predict", unit="img", disable=not progress)
-            for batch in _batches(items, batch_size):
-                names, images = zip(*batch, strict=True)
-                probs = predict_proba(
-                    model,
-                    np.stack(images),
-                    task=task,
-                    preprocess=preprocess,
-                    batch_size=batch_size,
-                    volume=slice_volumes,
-                    progress=False,
-                )
+            for names, probs in rows:
                 for name, p in zip(names, probs, strict=True):
                     predicted = (
                         "|".join(labels[i] for i in np.flatnonzero(p >= 0.5))
@@ -185,12 +200,103 @@ def predict_files(
                         else labels[int(p.argmax())]
                     )
                     writer.writerow([name, *(f"{v:.6f}" for v in p), predicted])
-                bar.update(len(batch))
+                bar.update(len(names))
             bar.close()
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)  # after any failure, no half-written file is left behind
     return out
+
+
+def _plain(
+    model: Any,
+    items: Iterator[tuple[str, np.ndarray]],
+    task: Any,
+    preprocess: Any,
+    slices: bool,
+    batch_size: int,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(names, probabilities) of the run's model, batch by batch."""
+    from clinadapt.engine.predict import predict_proba
+
+    for batch in _batches(items, batch_size):
+        names, images = zip(*batch, strict=True)
+        probs = predict_proba(
+            model,
+            np.stack(images),
+            task=task,
+            preprocess=preprocess,
+            batch_size=batch_size,
+            volume=slices,
+            progress=False,
+        )
+        yield list(names), probs
+
+
+def _check_tta(
+    run_dir: str | Path, task: Any, model: Any, slices: bool, tta: TestTimeAdaptation
+) -> None:
+    """Refuse what test-time adaptation cannot do, before reading any input."""
+    from clinadapt.runner.tta import trained_model
+    from clinadapt.tta import create_tta
+
+    if not task.single_label:
+        raise ConfigError(
+            f"--tta {tta.name}: test-time adaptation methods adapt a softmax over classes, and "
+            f"{run_dir} is a multi-label run (one sigmoid per label)"
+        )
+    create_tta(tta.name, tta.options).check(trained_model(model, slices))
+
+
+def _adapted(
+    model: Any,
+    items: Iterator[tuple[str, np.ndarray]],
+    preprocess: Any,
+    slices: bool,
+    read_size: int,
+    tta: TestTimeAdaptation,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(names, probabilities) of all inputs, adapted with ``tta``: inputs are read and
+    preprocessed ``read_size`` at a time (equal shapes stacked), then adapted on in batches of
+    ``tta.batch_size``; the probabilities come once the whole stream is done."""
+    import torch
+
+    from clinadapt.runner.tta import adapt, image_batches, trained_model
+
+    names: list[str] = []
+
+    def preprocessed() -> Iterator[torch.Tensor]:
+        for batch in _batches(items, read_size):
+            names.extend(name for name, _ in batch)
+            stacked = np.stack([image for _, image in batch])
+            yield from image_batches(
+                stacked, preprocess, len(stacked), volume_mode="axial" if slices else None
+            )
+
+    def rebatched() -> Iterator[torch.Tensor]:
+        held: list[torch.Tensor] = []
+        count = 0
+        for x in preprocessed():
+            held.append(x)
+            count += len(x)
+            while count >= tta.batch_size:
+                joined = torch.cat(held)
+                yield joined[: tta.batch_size]
+                held, count = [joined[tta.batch_size :]], count - tta.batch_size
+        if count:
+            yield torch.cat(held)
+
+    probs, _ = adapt(
+        trained_model(model, slices),
+        rebatched(),
+        name=tta.name,
+        options=tta.options,
+        mode=tta.mode,
+        batch_size=tta.batch_size,
+        seed=tta.seed,
+        inputs="images",
+    )
+    yield names, probs
 
 
 def _batches(items: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list]:

@@ -131,6 +131,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["distance_unit"] = test["distance_unit"]
             row["nsd_tolerance"] = test.get("nsd_tolerance")
         _overlay_sources(row, recs)
+        _calibration(row, recs)
         row["labels_used"] = float(np.mean([r["labels_used"]["total"] for r in recs]))
         row["time_s"] = float(np.mean([r["timings"]["run_s"] for r in recs]))
         row["fitted_parameters"] = recs[0]["method"]["fitted_parameters"]
@@ -183,7 +184,25 @@ def _overlay_sources(row: dict[str, Any], recs: list[dict[str, Any]]) -> None:
     folder = _run_folder(first["_path"])
     order = [w for w in OVERLAY_ORDER if w in pictures] + sorted(set(pictures) - {*OVERLAY_ORDER})
     row["overlays"] = {which: folder / pictures[which] for which in order}
-    row["overlay_seed"] = first["config"].get("seed")
+    row["overlays_seed"] = first["config"].get("seed")
+
+
+def _calibration(row: dict[str, Any], recs: list[dict[str, Any]]) -> None:
+    """Test ECE before and after temperature scaling (mean over the seeds that have it), and the
+    first seed's reliability diagram."""
+    blocks = [r["calibration"] for r in recs if r.get("calibration")]
+    if not blocks:
+        return
+    for which in ("before", "after"):
+        values = [b["test"][which]["ece"] for b in blocks if which in b["test"]]
+        if values:
+            row[f"ece_{which}"] = float(np.mean(values))
+            row[f"ece_{which}_n"] = len(values)
+    first = min(recs, key=lambda r: r["config"].get("seed", 0))
+    diagram = (first.get("calibration") or {}).get("diagram")
+    if diagram and "_path" in first:
+        row["reliability"] = {"reliability": _run_folder(first["_path"]) / diagram}
+        row["reliability_seed"] = first["config"].get("seed")
 
 
 def _summarise_metric(row: dict[str, Any], metric: str, recs: list[dict[str, Any]]) -> None:
@@ -272,8 +291,19 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(m for t in tasks for m in TASKS.get(t).report_metrics))
 
 
+CALIBRATION_COLUMNS = {"ece_before": "ECE", "ece_after": "ECE after T"}
+"""Test ECE of the run's outputs, and after temperature scaling fitted on the validation labels
+the run used (runs that used none have no value: '-')."""
+
+
+def calibration_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The calibration values some row has, in order."""
+    return [key for key in CALIBRATION_COLUMNS if any(key in r for r in rows)]
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     metrics = [METRIC_LABELS.get(m, m) for m in metric_columns(rows)]
+    metrics += [CALIBRATION_COLUMNS[key] for key in calibration_columns(rows)]
     before = ["dataset", "backbone", "weights", "method", "shots", "options", "seeds"]
     return [*before, "labelled images", *metrics, "protocol", "trained params", "run time (s)"]
 
@@ -286,6 +316,7 @@ def header(rows: list[dict[str, Any]]) -> list[str]:
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     keep = [h != "options" or any(r["options"] for r in rows) for h in _columns(rows)]
     metrics = metric_columns(rows)
+    calibration = calibration_columns(rows)
     cells = [
         [
             r["dataset"] + ("" if r["verified"] is not False else " (unverified md5)"),
@@ -297,6 +328,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             str(r["seeds"]),
             f"{r['labels_used']:g}",
             *(_fmt(r, m) if m in r else "-" for m in metrics),
+            *(_calibration_cell(r, key) for key in calibration),
             r["protocol"],
             f"{r['fitted_parameters']:,}",
             f"{r['time_s']:.2f}",
@@ -304,6 +336,13 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         for r in rows
     ]
     return [[c for c, k in zip(row, keep, strict=True) if k] for row in cells]
+
+
+def _calibration_cell(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return "-"
+    seeds, text = row[f"{key}_n"], f"{row[key]:.3f}"
+    return text + (f" ({seeds} of {row['seeds']} seeds)" if seeds < row["seeds"] else "")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -527,9 +566,31 @@ def copy_overlays(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, list
     """Copy each row's overlay pictures (its first seed's) into ``out/overlays`` so that the
     report stands alone; returns (heading, [(which, path relative to ``out``)]) per row with
     pictures. A picture that cannot be read is left out with a warning."""
+    return [
+        (f"{title} (seed {seed}): {', '.join(w for w, _ in pictures)} test case", pictures)
+        for title, seed, pictures in _copy_pictures(rows, out, "overlays")
+    ]
+
+
+def copy_reliability(
+    rows: list[dict[str, Any]], out: Path
+) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Copy each row's reliability diagram (its first seed's) into ``out/reliability``, as
+    ``copy_overlays`` does its pictures."""
+    return [
+        (f"{title} (seed {seed})", pictures)
+        for title, seed, pictures in _copy_pictures(rows, out, "reliability")
+    ]
+
+
+def _copy_pictures(
+    rows: list[dict[str, Any]], out: Path, key: str
+) -> list[tuple[str, Any, list[tuple[str, str]]]]:
+    """(row title, seed, [(which, copied path relative to ``out``)]) of the rows' ``key``
+    pictures, copied into ``out/key``."""
     sections, used = [], set()
     for row in rows:
-        if not row.get("overlays"):
+        if not row.get(key):
             continue
         title = _row_title(row)
         base = "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-") for p in title.split(" / "))
@@ -539,8 +600,8 @@ def copy_overlays(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, list
             slug = f"{base}-{n}"
         used.add(slug)
         pictures = []
-        for which, source in row["overlays"].items():
-            target = out / "overlays" / f"{slug}_{which}{Path(source).suffix}"
+        for which, source in row[key].items():
+            target = out / key / f"{slug}_{which}{Path(source).suffix}"
             try:
                 target.parent.mkdir(exist_ok=True)
                 shutil.copyfile(source, target)
@@ -549,9 +610,7 @@ def copy_overlays(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, list
                 continue
             pictures.append((which, target.relative_to(out).as_posix()))
         if pictures:
-            names = ", ".join(w for w, _ in pictures)
-            seed = row["overlay_seed"]
-            sections.append((f"{title} (seed {seed}): {names} test case", pictures))
+            sections.append((title, row[f"{key}_seed"], pictures))
     return sections
 
 
@@ -564,6 +623,8 @@ def failures(records: list[dict[str, Any]]) -> list[str]:
 def notes(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str]:
     """What a reader needs to read the table: how cells are made, what each task's metrics
     mean (only for the tasks present), and what time was spent."""
+    from clinadapt.runner.identity import flat_options
+
     spent = setup_time(records)
     tasks = {r["task"] for r in rows} or {"classification"}
     out = [
@@ -578,6 +639,23 @@ def notes(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str
     if "classification" in tasks:
         out.append(
             "AUC and ACC follow the MedMNIST evaluator (macro one-vs-rest AUC; 0.5 threshold)."
+        )
+    if any("ece_before" in r for r in rows):
+        out.append(
+            "ECE: expected calibration error of the test outputs (15 equal-width confidence"
+            " bins), mean over seeds; 'ECE after T' after temperature scaling fitted on the"
+            " validation labels the run used ('-' where it used none: no labels are added)."
+        )
+    if any(
+        flat_options(r["run"]["options"])["tta"] != "none"
+        or flat_options(r["run"]["options"])["adaptive_temperature"] != "off"
+        for r in _usable(records)
+    ):
+        out.append(
+            "tta: test-time adaptation of the model on the unlabelled test batches at evaluation;"
+            " adaptive_temperature: the adaptive-temperature softmax at inference (a no-op on"
+            " binary outputs). Each record's tta block counts the examples adapted and filtered,"
+            " resets and collapses, and the seconds per image."
         )
     if "segmentation" in tasks:
         out.append(_segmentation_note([r for r in rows if r["task"] == "segmentation"]))
@@ -627,8 +705,8 @@ def _segmentation_note(rows: list[dict[str, Any]]) -> str:
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.html, PNG plots and copies of the overlay pictures; return the
-    paths of the reports and plots."""
+    """Write report.md, report.html, PNG plots and copies of the overlay pictures and reliability
+    diagrams; return the paths of the reports and plots."""
     from clinadapt.errors import ClinadaptError
 
     records = read_records(run_dir)
@@ -642,21 +720,28 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         *plot_pretrained_vs_control(rows, out),
         *plot_metric_vs_parameters(rows, out),
     ]
-    overlays = copy_overlays(rows, out)
+    galleries = [
+        (title, sections)
+        for title, sections in (
+            ("Best, median and worst test cases", copy_overlays(rows, out)),
+            ("Reliability diagrams (test split)", copy_reliability(rows, out)),
+        )
+        if sections
+    ]
     text = notes(rows, records)
     fails = failures(records)
     md = ["# clinadapt report", "", *[f"- {n}" for n in text], "", markdown_table(rows), ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
-    if overlays:
-        md += ["", "## Best, median and worst test cases"]
-        for title, pictures in overlays:
+    for heading, sections in galleries:
+        md += ["", f"## {heading}"]
+        for title, pictures in sections:
             md += ["", f"### {title}", "", " ".join(f"![{w}]({p})" for w, p in pictures)]
     if fails:
         md += ["", "## Failed runs", "", *[f"- {f}" for f in fails]]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n")
     html_path = out / "report.html"
-    html_path.write_text(_html(rows, text, plots, overlays, fails))
+    html_path.write_text(_html(rows, text, plots, galleries, fails))
     return {"markdown": md_path, "html": html_path, **{p.stem: p for p in plots}}
 
 
@@ -664,7 +749,7 @@ def _html(
     rows: list[dict[str, Any]],
     notes: list[str],
     plots: list[Path],
-    overlays: list[tuple[str, list[tuple[str, str]]]],
+    galleries: list[tuple[str, list[tuple[str, list[tuple[str, str]]]]]],
     fails: list[str],
 ) -> str:
     esc = html.escape
@@ -682,9 +767,9 @@ def _html(
         f"</ul><table><tr>{head}</tr>{body}</table>",
         *[f"<p><img src='{esc(p.name)}' alt='{esc(p.stem)}'></p>" for p in plots],
     ]
-    if overlays:
-        parts.append("<h2>Best, median and worst test cases</h2>")
-        for title, pictures in overlays:
+    for heading, sections in galleries:
+        parts.append(f"<h2>{esc(heading)}</h2>")
+        for title, pictures in sections:
             images = "".join(f"<img src='{esc(p)}' alt='{esc(w)}'>" for w, p in pictures)
             parts += [f"<h3>{esc(title)}</h3>", f"<p>{images}</p>"]
     if fails:

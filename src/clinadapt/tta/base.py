@@ -120,6 +120,9 @@ class TTAMethod(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type]
     description: ClassVar[str] = ""
+    adapts_network: ClassVar[bool] = True
+    """False for methods that read only ``model.features`` and the head's outputs (none, t3a,
+    lame): they give the same predictions on features extracted beforehand."""
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -90,6 +90,7 @@ class LAMESession(Session):
 class LAME(TTAMethod):
     name = "lame"
     config_cls = LAMEConfig
+    adapts_network = False
     description = "LAME (Boudiaf et al. 2022): Laplacian-regularised outputs on a kNN graph"
     config: LAMEConfig
 

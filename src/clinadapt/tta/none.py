@@ -26,6 +26,7 @@ class SourceSession(Session):
 class NoAdaptation(TTAMethod):
     name = "none"
     config_cls = NoneConfig
+    adapts_network = False
     description = "no test-time adaptation: the source model's predictions"
 
     def start(

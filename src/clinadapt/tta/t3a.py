@@ -89,6 +89,7 @@ class T3ASession(Session):
 class T3A(TTAMethod):
     name = "t3a"
     config_cls = T3AConfig
+    adapts_network = False
     description = "T3A (Iwasawa & Matsuo 2021): classifier prototypes from filtered test features"
     config: T3AConfig
 
