@@ -153,3 +153,16 @@ def test_frozen_encoder_runs_share_test_embeddings_through_the_cache(pairs, sam_
     full = dataclasses.replace(box, method="sam_full", train=TRAIN)
     trained, _ = run(full, tmp_path / "full")
     assert trained["embedding_cache"] == {"hits": 0, "misses": 0}  # its encoder changed
+
+
+def test_encoder_training_defaults_to_small_accumulated_batches(pairs, sam_weights):  # noqa: F811
+    from clinadapt.runner.prompted_train import prompted_train_config
+    from clinadapt.tasks import TASKS
+
+    task = TASKS.get("segmentation")
+    decoder = prompted_train_config(config(pairs, sam_weights, "sam_decoder"), task)
+    full = prompted_train_config(config(pairs, sam_weights, "sam_full"), task)
+    given = prompted_train_config(config(pairs, sam_weights, "sam_lora", train=TRAIN), task)
+    assert (decoder.batch_size, decoder.grad_accumulation) == (8, 1)
+    assert (full.batch_size, full.grad_accumulation) == (2, 4)
+    assert (given.batch_size, given.grad_accumulation) == (2, 1)  # a given batch size is kept

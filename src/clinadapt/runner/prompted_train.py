@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 PROMPTED_TRAIN_DEFAULTS = {"augment": "none", "batch_size": 8, "lr": 1e-4, "epochs": 20}
 """No augmentation by default: flips would move the encoder frame's zero padding off the right and
 bottom, where the weights always saw it. lr 1e-4 (MedSAM fine-tunes with AdamW at 1e-4)."""
+ENCODER_TRAINING_DEFAULTS = {"batch_size": 2, "grad_accumulation": 4}
+"""sam_lora and sam_full back-propagate through the full-resolution encoder: about 1.4 GB of
+activations per 256 px image on a CPU (a batch of 8 was killed for memory at 11.6 GB), so they
+take 2 images a step and accumulate 4 steps, the same 8 images per update."""
 
 
 @dataclass
@@ -89,13 +93,15 @@ def train_prompted(
 
 def prompted_train_config(cfg: ExperimentConfig, task: Task) -> TrainConfig:
     """The run's training options over the prompted defaults over the task's."""
+    from clinadapt.adapt import METHODS
     from clinadapt.runner.common import train_config
 
-    defaults = {
-        k: v
-        for k, v in PROMPTED_TRAIN_DEFAULTS.items()
-        if not (k == "batch_size" and cfg.batch_size is not None)
-    }
+    defaults = dict(PROMPTED_TRAIN_DEFAULTS)
+    if not METHODS.get(cfg.method).encoder_frozen:
+        defaults.update(ENCODER_TRAINING_DEFAULTS)
+    if cfg.batch_size is not None or "batch_size" in cfg.train:
+        defaults.pop("batch_size")
+        defaults.pop("grad_accumulation", None)
     return train_config(dataclasses.replace(cfg, train={**defaults, **cfg.train}), task)
 
 
