@@ -47,7 +47,8 @@ def models(litemedsam: str, mobilenet: str) -> dict[str, dict[str, Any]]:
 
 def subset_root(source: Path, target: Path, caps: dict[str, int], seed: int) -> Path:
     """MedMNIST files holding a stratified sample of at most ``caps[split]`` images of each
-    split (0: all), made once; the same files serve every backbone."""
+    split (0: all), made once: an existing file is kept as it is (the JSON reports the sizes
+    of the files used), and the same files serve every backbone."""
     from sklearn.model_selection import train_test_split
 
     target.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,14 @@ def subset_root(source: Path, target: Path, caps: dict[str, int], seed: int) -> 
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
     return target
+
+
+def split_sizes(root: Path) -> dict[str, dict[str, int]]:
+    sizes = {}
+    for name in DATASETS:
+        with np.load(root / f"{name}.npz") as arrays:
+            sizes[name] = {s: len(arrays[f"{s}_labels"]) for s in ("train", "val", "test")}
+    return sizes
 
 
 def run(
@@ -112,14 +121,18 @@ def model_name(record: dict[str, Any]) -> str:
 
 
 def extraction(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Seconds per image of the run that extracted every split itself (no cache hit); None
-    when the features came from an earlier call's cache."""
+    """Seconds per image over the splits whose features a run extracted itself (cache miss);
+    None when every split came from an earlier call's cache."""
+    seconds, images = {}, {}
     for r in records:
-        if not any(r["feature_cache_hits"].values()):
-            seconds = sum(r["timings"][f"features_{s}_s"] for s in r["feature_cache_hits"])
-            images = sum(r["dataset"]["split_sizes"].values())
-            return {"seconds_per_image": seconds / images, "images": images, "seconds": seconds}
-    return None
+        for split, hit in r["feature_cache_hits"].items():
+            if not hit and split not in seconds:
+                seconds[split] = r["timings"][f"features_{split}_s"]
+                images[split] = r["dataset"]["split_sizes"][split]
+    if not seconds:
+        return None
+    total_s, total_n = sum(seconds.values()), sum(images.values())
+    return {"seconds_per_image": total_s / total_n, "images": total_n, "seconds": total_s}
 
 
 def summarise(folder: Path) -> list[dict[str, Any]]:
@@ -197,6 +210,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default="/work/measure/sam_features", help="records and cache")
     parser.add_argument("--summarise-only", action="store_true", help="write the JSON only")
+    parser.add_argument("--note", default="", help="how this result came about, for the JSON")
     args = parser.parse_args()
     if args.data_root is None or not Path(args.litemedsam).is_dir() or args.mobilenet == "none":
         raise SystemExit(
@@ -238,7 +252,8 @@ def main() -> None:
                 "mobilenetv2": "ImageNet weights (TF2 PTQ export), 1280 pooled features, "
                 "ImageNet mean/std; 112, 224 and 256 px",
                 "subsets": {
-                    "max_images": caps,
+                    "max_images_this_call": caps,
+                    "split_sizes": split_sizes(subsets),
                     "how": "stratified by label (sklearn train_test_split, random_state 0); "
                     "the same images for every model; 'all' shots = the whole training subset",
                     "files": str(out / "data"),
@@ -246,6 +261,7 @@ def main() -> None:
                 "timing": f"feature extraction of every split by the run that extracted them, "
                 f"{args.threads} torch thread(s) on a 2-core machine shared with other work",
                 "records": str(out / "records"),
+                "note": args.note or None,
             },
             "rows": subset_rows,
             "extraction_seconds_per_image": extraction_costs(subset_rows),
