@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,39 @@ def default_weights(architecture: str = "mobilenetv2_100") -> str:
     root = os.environ.get("CLINADAPT_WEIGHTS") or SHARED / "weights"
     found = find_local_weights(architecture, root)
     return str(found) if found else "none"
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """What a timing depends on: processor, cores, torch threads and version, bf16 support."""
+    import torch
+
+    from clinadapt.engine import bf16_supported
+
+    return {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "bf16_native": bf16_supported(torch.device("cpu")),
+        "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def command() -> str:
+    """The command line that made a result, as run from the repository root."""
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ]
+    return shlex.join([*env, "PYTHONPATH=src", "python", *sys.argv])
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

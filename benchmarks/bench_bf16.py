@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import SHARED, default_data_root, write_result
+from _common import SHARED, cpu_name, default_data_root, write_result
 from clinadapt.adapt import create_method
 from clinadapt.backbones import BACKBONES, create_backbone
 from clinadapt.data import load_dataset
@@ -45,15 +44,6 @@ from clinadapt.runner.experiment import ExperimentConfig, make_preprocess
 DATASETS_2D = ("breastmnist", "pneumoniamnist", "retinamnist")
 DATASET_3D = "adrenalmnist3d"
 PROBE_DATASET = "breastmnist"
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def classification_weights(root: Path) -> list[tuple[str, str]]:
