@@ -25,9 +25,9 @@ def native(monkeypatch, supported: bool) -> None:
 
 def cached_precisions(cache_dir) -> set[str]:
     return {
-        json.loads(p.read_text())["meta"]["precision"]
+        json.loads(p.read_text())["parts"]["precision"]
         for p in cache_dir.glob("*.json")
-        if "split" in json.loads(p.read_text())["meta"]
+        if "split" in json.loads(p.read_text())["parts"]
     }
 
 
