@@ -68,3 +68,16 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     print(json.dumps(result, indent=2))
     print(f"written to {path}")
     return path
+
+
+def metric_summaries(row: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Mean, sd over seeds, seed-inclusive 95% interval and undefined cases of a report row."""
+    return {
+        m: {
+            "mean": row[m],
+            "sd": row[f"{m}_sd"],
+            "interval95": row[f"{m}_ci"],
+            "undefined": row[f"{m}_undefined"] or None,
+        }
+        for m in metrics
+    }

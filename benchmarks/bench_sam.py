@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, SHARED, write_result
+from _common import RESULTS, SHARED, metric_summaries, write_result
 from clinadapt.paths import cache_home
 from clinadapt.runner.bench import GridConfig, run_grid
 from clinadapt.runner.prompted_train import PROMPTED_TRAIN_DEFAULTS
@@ -148,13 +148,7 @@ def _row(row: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: row[k] for k in ("dataset", "method", "shots", "seeds")}
     if row["method"] in ZERO_SHOT:
         out["shots"] = 0
-    for metric in METRICS:
-        out[metric] = {
-            "mean": row[metric],
-            "sd": row[f"{metric}_sd"],
-            "interval95": row[f"{metric}_ci"],
-            "undefined": row[f"{metric}_undefined"] or None,
-        }
+    out.update(metric_summaries(row, METRICS))
     same = [
         r
         for r in records

@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from _common import default_data_root, default_weights, write_result
+from _common import default_data_root, default_weights, metric_summaries, write_result
 from clinadapt.config import to_dict
 from clinadapt.engine.train_config import TrainConfig
 from clinadapt.paths import cache_home
@@ -125,13 +125,7 @@ def _row(row: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
         k: row[k]
         for k in ("dataset", "backbone", "weights", "pretrained", "method", "shots", "seeds")
     }
-    for metric in METRICS:
-        out[metric] = {
-            "mean": row[metric],
-            "sd": row[f"{metric}_sd"],
-            "interval95": row[f"{metric}_ci"],
-            "undefined": row[f"{metric}_undefined"] or None,
-        }
+    out.update(metric_summaries(row, METRICS))
     out["trainable_parameters"] = row["fitted_parameters"]
     out["labelled_cases"] = row["labels_used"]
     out["run_time_s"] = row["time_s"]

@@ -137,12 +137,8 @@ class PromptedMethod:
     @property
     def random(self) -> bool:
         """Whether the prompts depend on the seed."""
-        c = self.config
-        return (
-            getattr(c, "jitter", 0) > 0
-            or getattr(c, "points", 1) > 1
-            or getattr(c, "negatives", 0) > 0
-        )
+        o = self.options()
+        return o["jitter"] > 0 or o["points"] > 1 or o["negatives"] > 0
 
     def options(self) -> dict[str, int]:
         c = self.config

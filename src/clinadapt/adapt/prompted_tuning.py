@@ -128,11 +128,6 @@ class SamTuning(PromptedMethod):
             "negatives": c.negatives if self.points else 0,
         }
 
-    @property
-    def random(self) -> bool:
-        o = self.options()
-        return o["jitter"] > 0 or o["points"] > 1 or o["negatives"] > 0
-
     def apply(self, segmenter: PromptedSegmenter) -> PromptedSegmenter:
         segmenter.requires_grad_(False)
         segmenter.sam.mask_decoder.requires_grad_(True)

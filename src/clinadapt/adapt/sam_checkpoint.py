@@ -34,7 +34,8 @@ def save_sam_adapter(
     ``path_dir``; ``weights`` is the base checkpoint option (folder or file)."""
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in trainable_state(segmenter).items() if _trained(segmenter, k)}
+    trained = trained_keys(segmenter)
+    state = {k: v for k, v in trainable_state(segmenter).items() if k in trained}
     save_safetensors(state, path / ADAPTER_FILE, metadata={"format": "pt"})
     info = segmenter.sam.checkpoint
     config = {
@@ -50,15 +51,20 @@ def save_sam_adapter(
     return path
 
 
-def _trained(segmenter: PromptedSegmenter, key: str) -> bool:
+def trained_keys(segmenter: PromptedSegmenter) -> set[str]:
     """Trainable parameters, and buffers of modules that own one (e.g. batch-norm statistics of
     a fully fine-tuned encoder); frozen modules' buffers come from the base checkpoint."""
     params = dict(segmenter.named_parameters())
-    if key in params:
-        return params[key].requires_grad
-    owner = key.rpartition(".")[0]
-    module = segmenter.get_submodule(owner) if owner else segmenter
-    return any(p.requires_grad for p in module.parameters(recurse=False))
+    owners = {
+        name
+        for name, module in segmenter.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }
+    return {
+        k
+        for k in segmenter.state_dict()
+        if (params[k].requires_grad if k in params else k.rpartition(".")[0] in owners)
+    }
 
 
 def load_sam_adapted(
@@ -98,7 +104,7 @@ def load_sam_adapted(
         state = load_file(str(adapter))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise ClinadaptError(f"{adapter} is not a readable safetensors file: {err}") from None
-    expected = {k for k in segmenter.state_dict() if _trained(segmenter, k)}
+    expected = trained_keys(segmenter)
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ClinadaptError(
