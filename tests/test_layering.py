@@ -22,6 +22,7 @@ LAYERS = [
     {"eval"},
     {"tasks"},
     {"backbones"},
+    {"text"},
     {"engine"},
     {"adapt"},
     {"tta"},

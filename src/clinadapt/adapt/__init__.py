@@ -5,7 +5,9 @@ probe) fit on frozen features; ``finetune`` methods (``FineTuneMethod``: full, b
 adapter, vpt) decide which parameters of an ``AdaptedModel`` (backbone + new head) train;
 ``prompted`` methods (``PromptedMethod``) segment from oracle prompts: without training (sam_box,
 sam_point, sam_box_point, box_mask) or after training the SAM on prompts from a few labelled
-images (sam_decoder, sam_lora, sam_full).
+images (sam_decoder, sam_lora, sam_full). Vision-language methods (``vl``: zeroshot,
+tip_adapter, tip_adapter_f, linear_zs) are frozen methods that also take class text
+(``TextMethod.use_text``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from clinadapt.adapt import (  # noqa: F401  (registration on import)
     prompted,
     prompted_tuning,
     prototype,
+    vl,
     vpt,
 )
 from clinadapt.adapt.base import METHODS, FrozenFeatureMethod

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from clinadapt.errors import ClinadaptError
+
+if TYPE_CHECKING:
+    from clinadapt.backbones.text_side import JointSpace
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class Backbone(nn.Module):
     tag) and, with ``model_kwargs`` (constructor options such as a weights folder's
     ``create_model_kwargs``), is part of every feature-cache key. ``is_pretrained`` is False for
     random initialisation, which reports mark as an untrained control. ``ndim`` is 2 for image
-    backbones and 3 for volume-native ones.
+    backbones and 3 for volume-native ones. ``text`` is the text side of a vision-language
+    backbone (``JointSpace``: texts and image features in one space), None for image-only ones.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class Backbone(nn.Module):
         is_pretrained: bool,
         model_kwargs: dict | None = None,
         ndim: int = 2,
+        text: JointSpace | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -55,6 +61,7 @@ class Backbone(nn.Module):
         self.is_pretrained = is_pretrained
         self.model_kwargs = dict(model_kwargs or {})
         self.ndim = ndim
+        self.text = text
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features for a normalised batch of shape (B, C, H, W)."""

@@ -13,7 +13,7 @@ from torch import nn
 from clinadapt.backbones import medmnist_nets
 from clinadapt.backbones.base import Backbone, PretrainedConfig
 from clinadapt.backbones.hub import download
-from clinadapt.backbones.registry import BackboneSpec, get_spec, import_open_clip, pretrained_config
+from clinadapt.backbones.registry import BackboneSpec, get_spec, pretrained_config
 from clinadapt.backbones.weights import (
     LocalWeights,
     file_sha256,
@@ -39,7 +39,14 @@ def create_backbone(
     the local weights file, so feature caches never mix weights.
     """
     spec = get_spec(name)
-    if spec.weights_package and weights in ("pretrained", spec.weights_package):
+    text = None
+    if spec.library == "open_clip":
+        from clinadapt.backbones.clip import create_open_clip
+
+        model, cfg, weights_id, text = create_open_clip(
+            spec, weights, seed=RANDOM_INIT_SEED, trust_pickle=trust_pickle
+        )
+    elif spec.weights_package and weights in ("pretrained", spec.weights_package):
         model, cfg, weights_id = _packaged(spec)
     elif weights == "pretrained" and spec.library == "clinadapt":
         raise ClinadaptError(
@@ -67,8 +74,6 @@ def create_backbone(
             if not local.create_kwargs:
                 raise
             raise local.rejected_kwargs(spec.model_name, err) from None
-        if spec.library == "open_clip" and any(k.startswith("visual.") for k in state):
-            state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
         load_checked(
             model, state, local.file, arch=spec.model_name, drop_prefixes=_classifier_keys(model)
         )
@@ -83,18 +88,16 @@ def create_backbone(
         is_pretrained=weights != "none",
         model_kwargs=spec.kwargs,
         ndim=spec.ndim,
+        text=text,
     )
     return backbone.eval()
 
 
 def _build(spec: BackboneSpec, kwargs: dict[str, Any], *, pretrained: bool) -> nn.Module:
-    """The bare model with no classifier (timm, clinadapt) or the image tower (open_clip)."""
+    """The bare model with no classifier (timm, clinadapt); open_clip models are built by
+    ``backbones.clip`` with both towers."""
     if spec.library == "clinadapt":
         return medmnist_nets.create_model(spec.model_name, **{**kwargs, "num_classes": 0})
-    if spec.library == "open_clip":
-        open_clip = import_open_clip()
-        tag = spec.pretrained_tag if pretrained else None
-        return open_clip.create_model(spec.model_name, pretrained=tag, **kwargs).visual
     name = spec.hub_name if pretrained else spec.model_name
     return timm.create_model(name, pretrained=pretrained, **{**kwargs, "num_classes": 0})
 

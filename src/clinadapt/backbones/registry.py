@@ -3,6 +3,7 @@ building."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from clinadapt.registry import Registry, did_you_mean
 
 Library = Literal["timm", "open_clip", "clinadapt"]
 TIMM_PREFIX = "timm:"
+OPEN_CLIP_PREFIX = "open_clip:"
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class BackboneSpec:
     def weights_ref(self) -> str:
         """Hub weights with library: ``timm:resnet18.a1_in1k``, ``open_clip:ViT-B-16/openai``."""
         if self.library == "open_clip":
-            return f"open_clip:{self.model_name}/{self.pretrained_tag}"
+            tag = f"/{self.pretrained_tag}" if self.pretrained_tag else ""
+            return f"{OPEN_CLIP_PREFIX}{self.model_name}{tag}"
         if self.library == "clinadapt":
             return f"clinadapt:{self.model_name}"
         return f"timm:{self.hub_name}"
@@ -110,8 +113,29 @@ _SPECS = (
         "open_clip",
         "ViT-B-16",
         "openai",
-        "OpenAI CLIP ViT-B/16 image tower",
+        "OpenAI CLIP ViT-B/16, image and text towers (zero-shot capable)",
         {"force_quick_gelu": True},
+        "vit",
+    ),
+    BackboneSpec(
+        "biomedclip",
+        "open_clip",
+        "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        "",
+        "BiomedCLIP ViT-B/16 + PubMedBERT, trained on PMC-15M figure-caption pairs (zero-shot "
+        "capable)",
+        {},
+        "vit",
+        input_size=224,
+    ),
+    BackboneSpec(
+        "open_clip",
+        "open_clip",
+        "",
+        "",
+        "any open_clip model from a local folder: --weights FOLDER holding open_clip_config.json "
+        "and open_clip_model.safetensors (zero-shot capable)",
+        {},
         "vit",
     ),
     BackboneSpec("resnet18", "timm", "resnet18", "a1_in1k", "ResNet-18, ImageNet-1k", {}, "cnn"),
@@ -293,9 +317,12 @@ for _spec in _SPECS:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """The spec for a registered alias or for any timm model written ``timm:<name>[.tag]``."""
+    """The spec for a registered alias, any timm model written ``timm:<name>[.tag]``, or any
+    open_clip model written ``open_clip:<arch>[/<tag>]`` or ``open_clip:hf-hub:<org>/<repo>``."""
     if name.lower().startswith(TIMM_PREFIX):
         return _timm_spec(name[len(TIMM_PREFIX) :])
+    if name.startswith(OPEN_CLIP_PREFIX):
+        return _open_clip_spec(name[len(OPEN_CLIP_PREFIX) :])
     try:
         return BACKBONES.get(name)
     except UnknownNameError as err:
@@ -328,6 +355,32 @@ def _timm_spec(full_name: str) -> BackboneSpec:
     )
 
 
+def _open_clip_spec(ref: str) -> BackboneSpec:
+    """``<arch>/<tag>`` (a built-in architecture with hub weights), ``<arch>`` (random or local
+    weights) or ``hf-hub:<org>/<repo>`` (config and weights from a hub repo)."""
+    name = f"{OPEN_CLIP_PREFIX}{ref}"
+    if ref.startswith("hf-hub:"):
+        if ref.count("/") != 1 or ref.endswith("/"):
+            raise UnknownNameError(f"{name!r}: write open_clip:hf-hub:<org>/<repo>")
+        return BackboneSpec(name, "open_clip", ref, "", f"open_clip model {ref}", {}, "vit")
+    open_clip = import_open_clip()
+    arch, _, tag = ref.partition("/")
+    models = open_clip.list_models()
+    if arch not in models:
+        close = difflib.get_close_matches(arch, models, n=3, cutoff=0.5)  # names keep their case
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownNameError(
+            f"Unknown open_clip architecture {arch!r}.{hint} `open_clip.list_models()` lists them."
+        )
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag and tag not in tags:
+        raise UnknownNameError(
+            f"open_clip model {arch!r} has no pretrained tag {tag!r}.{did_you_mean(tag, tags)} "
+            f"Its tags: {tags}"
+        )
+    return BackboneSpec(name, "open_clip", arch, tag, f"open_clip model {ref}", {}, "vit")
+
+
 def import_open_clip() -> ModuleType:
     """open_clip is optional: import it only when a CLIP backbone is requested."""
     return require("open_clip", extra="clip", needed_by="a CLIP backbone")
@@ -348,7 +401,9 @@ def pretrained_config(spec: BackboneSpec, source: str = "") -> PretrainedConfig:
     if spec.library == "open_clip":
         open_clip = import_open_clip()
         cfg = dict(open_clip.get_pretrained_cfg(spec.model_name, spec.pretrained_tag) or {})
-        model_cfg = open_clip.get_model_config(spec.model_name) or {}
+        # hub repos and folders carry their own config, read once the model is built
+        builtin = spec.model_name in open_clip.list_models()
+        model_cfg = (open_clip.get_model_config(spec.model_name) if builtin else None) or {}
         size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
         cfg["input_size"] = (3, size, size) if isinstance(size, int) else (3, *size)
         cfg.setdefault("mean", open_clip.OPENAI_DATASET_MEAN)
