@@ -56,7 +56,13 @@ def test_multilabel_gets_n_positives_per_label():
     assert actual == {str(c): int(positives[c]) for c in range(4)}
 
 
-@pytest.mark.parametrize("shots", [0, -1, "five", True, 2.5])
+@pytest.mark.parametrize("shots", [0, "0"])
+def test_zero_shots_is_an_empty_support(shots):
+    idx, actual = few_shot_indices(single_labels([5, 5]), TaskType.BINARY, 2, shots, 0)
+    assert idx.dtype == np.int64 and len(idx) == 0 and actual == {"0": 0, "1": 0}
+
+
+@pytest.mark.parametrize("shots", [-1, "five", True, 2.5])
 def test_invalid_shots(shots):
     with pytest.raises(ConfigError, match="shots"):
         few_shot_indices(single_labels([5, 5]), TaskType.BINARY, 2, shots, 0)

@@ -24,10 +24,12 @@ def few_shot_indices(
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Sorted indices into the training ``labels`` and the shots each class actually got.
 
-    ``shots`` is a positive integer or ``"all"``. Single-label: exactly ``shots`` examples per
-    class. Multi-label: ``shots`` positives drawn per label, united; the returned counts are each
-    label's positives in the union (at least ``shots``). A class with too few examples is an
-    error unless ``allow_fewer``, which then takes all it has; counts record what was used.
+    ``shots`` is a positive integer, ``"all"``, or 0: an empty support set, for methods that use
+    no labels (the runner lets only zero-shot methods have it). Single-label: exactly ``shots``
+    examples per class. Multi-label: ``shots`` positives drawn per label, united; the returned
+    counts are each label's positives in the union (at least ``shots``). A class with too few
+    examples is an error unless ``allow_fewer``, which then takes all it has; counts record
+    what was used.
     """
     task = TaskType(task)
     labels = check_labels(labels, task, num_classes, "few-shot labels")
@@ -40,6 +42,8 @@ def few_shot_indices(
     ]
     if isinstance(shots, str) and shots.strip().lower() == "all":
         return np.arange(len(labels)), {names[c]: len(pool) for c, pool in enumerate(pools)}
+    if not isinstance(shots, bool) and str(shots).strip() == "0":
+        return np.zeros(0, dtype=np.int64), {name: 0 for name in names}
     n = _parse_shots(shots)
     rng = np.random.default_rng(seed)
     picks = []

@@ -30,6 +30,7 @@ from clinadapt.runner.experiment import (
 )
 from clinadapt.runner.identity import GRID_AXES, bundle_key, run_id
 from clinadapt.runner.records import failure_record, write_json_atomic
+from clinadapt.runner.text import needs_text
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +164,25 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
             "train.* options apply to gradient-based methods (lora, adapter, vpt, bitfit, full), "
             f"and the grid runs none of them (methods: {grid.methods})"
         )
+    texts = [m for m in grid.methods if needs_text(m)]
+    if grid.base.get("class_text") and not texts:
+        raise ConfigError(
+            "class_text applies to vision-language methods (zeroshot, tip_adapter, "
+            f"tip_adapter_f, linear_zs), and the grid runs none of them (methods: {grid.methods})"
+        )
     option_sets = {method: _method_option_sets(grid, method) for method in grid.methods}
+    shots_of = _shots_per_method(grid)
     runs = []
     for dataset, backbone, weights, method, shots, seed in itertools.product(
         grid.datasets, grid.backbones, grid.weights, grid.methods, grid.shots, range(grid.seeds)
     ):
+        if str(shots) not in shots_of[method]:
+            continue
         base = dict(grid.base)
         if method not in trained:
             base.pop("train", None)
+        if method not in texts:
+            base.pop("class_text", None)
         for method_options in option_sets[method]:
             options = {
                 **base,
@@ -186,18 +198,37 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
     return runs
 
 
+def _shots_per_method(grid: GridConfig) -> dict[str, list[str]]:
+    """The grid's shots each method runs at: zero-shot methods at 0 (the curves' 0-shot point),
+    the others at the rest; a method left with none, or a 0 no method takes, is an error."""
+    from clinadapt.adapt import METHODS
+
+    zero = {m for m in grid.methods if getattr(METHODS.get(m), "zero_shot", False)}
+    shots = [str(s) for s in grid.shots]
+    out = {m: [s for s in shots if (s.strip() == "0") == (m in zero)] for m in grid.methods}
+    idle = [m for m, taken in out.items() if not taken]
+    if idle:
+        rule = "zero-shot methods run only at shots 0; the others need shots >= 1 or all"
+        raise ConfigError(f"method(s) {idle} have no shots to run at in {shots}: {rule}")
+    if "0" in [s.strip() for s in shots] and not zero:
+        raise ConfigError(
+            "shots 0 is only for zero-shot methods (zeroshot), and the grid runs none of them "
+            f"(methods: {grid.methods})"
+        )
+    return out
+
+
 def validate_names(grid: GridConfig) -> None:
     """Fail before any work on a misspelt dataset, backbone or method name."""
     from clinadapt.adapt import METHODS
-    from clinadapt.backbones import BACKBONES
+    from clinadapt.backbones import get_spec
     from clinadapt.data import DATASETS
 
     for name in grid.datasets:
         if not Path(name).exists():
             DATASETS.get(name)
     for name in grid.backbones:
-        if not name.startswith("timm:"):
-            BACKBONES.get(name)
+        get_spec(name)
     for name in grid.methods:
         METHODS.get(name)
 

@@ -60,7 +60,9 @@ class ExperimentConfig:
         },
     )
     resume: bool = _opt(False, "place", "continue an interrupted training run from its checkpoint")
-    shots: str = _opt("all", "run", "examples per class, or 'all'")
+    shots: str = _opt(
+        "all", "run", "examples per class, or 'all'; 0 for zero-shot methods (zeroshot)"
+    )
     val_shots: str = _opt(
         "auto",
         "run",
@@ -68,6 +70,12 @@ class ExperimentConfig:
         "auto (as many as shots; all when shots=all), a number, or all",
     )
     seed: int = _opt(0, "run", "seed of the few-shot sample, training and bootstrap")
+    class_text: str | None = _opt(
+        None,
+        "run",
+        "YAML/JSON file of class names, descriptions and templates for vision-language methods "
+        "(default: the dataset's built-in text; MedMNIST datasets have one)",
+    )
     resize: str = _opt(
         "auto",
         "features",
@@ -151,12 +159,13 @@ class ExperimentConfig:
                 rule = "must not be negative" if low == 0 else f"must be at least {low}"
                 raise ConfigError(f"{key} {rule}, got {value}")
         self.val_shots_value()
+        check_zero_shots(self)
         if parse_shift(self.shift).kind != "none" and dataset_task(self).dense_targets:
             raise ConfigError(f"shift={self.shift!r}: shifted test sets are for classification")
         check_choices(self)
 
     def shots_value(self) -> int | str:
-        return _budget(self.shots, "shots")
+        return _budget(self.shots, "shots", zero=True)
 
     def val_shots_value(self) -> int | str:
         """The validation budget per class; ``auto`` follows the training budget."""
@@ -165,18 +174,48 @@ class ExperimentConfig:
         return _budget(self.val_shots, "val_shots")
 
 
-def _budget(value: Any, name: str) -> int | str:
+def _budget(value: Any, name: str, *, zero: bool = False) -> int | str:
     if str(value).lower() == "all":
         return "all"
     try:
         shots = int(value)
     except ValueError:
-        shots = 0
-    if shots < 1:
+        shots = -1
+    if shots < (0 if zero else 1):
         from clinadapt.errors import ConfigError
 
-        raise ConfigError(f"{name} must be a positive integer or 'all', got {value!r}")
+        allowed = "a positive integer, 0 for zero-shot methods," if zero else "a positive integer"
+        raise ConfigError(f"{name} must be {allowed} or 'all', got {value!r}")
     return shots
+
+
+def check_zero_shots(cfg: Any) -> None:
+    """Zero-shot methods run with shots 0, and only they: a method that learns from labels
+    given none, or a zero-shot method given labels it would not use, is an error; so is class
+    text for a method that reads none."""
+    from clinadapt.adapt import METHODS
+    from clinadapt.errors import ConfigError
+
+    if cfg.method not in METHODS:
+        return  # unknown names are reported where the method is created
+    zero = [n for n in METHODS.names() if getattr(METHODS.get(n), "zero_shot", False)]
+    shots = cfg.shots_value()
+    if shots == 0 and cfg.method.lower() not in zero:
+        raise ConfigError(
+            f"shots=0: method {cfg.method!r} learns from labelled examples; only zero-shot "
+            f"methods ({', '.join(zero)}) run without any, so give shots >= 1 or 'all'"
+        )
+    if shots != 0 and cfg.method.lower() in zero:
+        raise ConfigError(
+            f"method {cfg.method!r} uses no labelled examples: run it with shots=0 (it is the "
+            "0-shot point of the label-efficiency curve)"
+        )
+    if cfg.class_text is not None and not getattr(METHODS.get(cfg.method), "needs_text", False):
+        texts = [n for n in METHODS.names() if getattr(METHODS.get(n), "needs_text", False)]
+        raise ConfigError(
+            f"class_text={cfg.class_text!r}: method {cfg.method!r} uses no class text (those "
+            f"that do: {', '.join(texts)}); drop it"
+        )
 
 
 @dataclass
@@ -350,6 +389,7 @@ def run_on_features(
     from clinadapt.runner.calibrate import calibration_block
     from clinadapt.runner.identity import run_block
     from clinadapt.runner.records import build_record
+    from clinadapt.runner.text import attach_text
     from clinadapt.tasks import task_for
 
     run_start = time.perf_counter()
@@ -359,8 +399,9 @@ def run_on_features(
     train_x, train_y = bundle.features["train"], bundle.labels["train"]
     support, actual_shots = sample_support(cfg, info, train_y)
     method = create_method(cfg.method, cfg.method_options)
+    text_block = attach_text(cfg, method, bundle)
     val = None
-    if "val" in bundle.features:
+    if "val" in bundle.features and cfg.val_shots_value() != 0:
         picked = sample_validation(cfg, info, bundle.labels["val"])
         val = (bundle.features["val"][picked], bundle.labels["val"][picked])
     start = time.perf_counter()
@@ -427,6 +468,7 @@ def run_on_features(
             "val_requested": cfg.val_shots_value(),
         },
         labels_used=labels_used(len(support), 0 if val is None else len(val[1]), uses_val),
+        **({"text": text_block} if text_block else {}),
         metrics=metrics,
         calibration=calibration,
         tta=tta_block,
@@ -450,7 +492,9 @@ def check_frozen_options(cfg: ExperimentConfig) -> None:
     ignored: say so instead."""
     from clinadapt.adapt import METHODS
     from clinadapt.errors import ConfigError
+    from clinadapt.runner.text import check_text_options
 
+    check_text_options(cfg)
     trained = ", ".join(n for n in METHODS.names() if trains(n))
     what = {"prompted": "segments from prompts without training"}.get(
         METHODS.get(cfg.method).kind, "fits on frozen features"

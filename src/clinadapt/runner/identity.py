@@ -43,6 +43,7 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
     from clinadapt.config import from_dict, to_dict
     from clinadapt.data.shifts import canonical_shift
     from clinadapt.runner.common import dataset_task, head_kind, resize_mode
+    from clinadapt.runner.text import resolve_class_text
     from clinadapt.runner.tta import resolve_options
 
     method = METHODS.get(cfg.method)
@@ -75,6 +76,7 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
     else:
         options.pop("train")
     resolve_options(cfg, options)
+    resolve_class_text(cfg, options)
     return json.loads(json.dumps(options, default=str))
 
 

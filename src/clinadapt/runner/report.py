@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from clinadapt.runner.records import read_records, record_task
+from clinadapt.runner.text import text_summary
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "method": method,
             "shots": shots,
             "options": ", ".join(f"{k}={_text(v)}" for k, v in options),
+            "text": text_summary(recs[0].get("text")) if recs[0].get("text") else "",
             "seeds": len(recs),
         }
         for metric in record_task(recs[0]).report_metrics:
@@ -304,17 +306,26 @@ def calibration_columns(rows: list[dict[str, Any]]) -> list[str]:
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     metrics = [METRIC_LABELS.get(m, m) for m in metric_columns(rows)]
     metrics += [CALIBRATION_COLUMNS[key] for key in calibration_columns(rows)]
-    before = ["dataset", "backbone", "weights", "method", "shots", "options", "seeds"]
+    before = ["dataset", "backbone", "weights", "method", "shots", "options", "text", "seeds"]
     return [*before, "labelled images", *metrics, "protocol", "trained params", "run time (s)"]
 
 
+OPTIONAL_COLUMNS = ("options", "text")
+"""Shown only when some row has one: options that differ, the class text a run used."""
+
+
+def _shown(column: str, rows: list[dict[str, Any]]) -> bool:
+    return column not in OPTIONAL_COLUMNS or any(r.get(column) for r in rows)
+
+
 def header(rows: list[dict[str, Any]]) -> list[str]:
-    """The table's columns; ``options`` only when some rows differ in an option."""
-    return [h for h in _columns(rows) if h != "options" or any(r["options"] for r in rows)]
+    """The table's columns; ``options`` only when some rows differ in an option, ``text`` only
+    when some used class text."""
+    return [h for h in _columns(rows) if _shown(h, rows)]
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    keep = [h != "options" or any(r["options"] for r in rows) for h in _columns(rows)]
+    keep = [_shown(h, rows) for h in _columns(rows)]
     metrics = metric_columns(rows)
     calibration = calibration_columns(rows)
     cells = [
@@ -325,6 +336,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             r["method"],
             r["shots"],
             r["options"] or "-",
+            r.get("text") or "-",
             str(r["seeds"]),
             f"{r['labels_used']:g}",
             *(_fmt(r, m) if m in r else "-" for m in metrics),
@@ -423,6 +435,10 @@ def plot_label_efficiency(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
             y = np.array([p[metric] for p in pts])
             sd = np.array([p[f"{metric}_sd"] for p in pts])
             label = f"{method}{f' ({options})' if options else ''} / {_weights_label(pts[0])}"
+            if [p["shots"] for p in pts] == ["0"]:  # zero-shot: a point, and its level across
+                (line,) = ax.plot(x, y, "*", markersize=11, label=f"{label} (0-shot)")
+                ax.axhline(y[0], color=line.get_color(), lw=0.9, ls=":")
+                continue
             (line,) = ax.plot(x, y, "o-" if pretrained else "s--", label=label)
             ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
         ax.set_xticks(range(len(shots)), shots)
@@ -656,6 +672,13 @@ def notes(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str
             " adaptive_temperature: the adaptive-temperature softmax at inference (a no-op on"
             " binary outputs). Each record's tta block counts the examples adapted and filtered,"
             " resets and collapses, and the seconds per image."
+        )
+    if any(r.get("text") for r in rows):
+        out.append(
+            "text: the class text of a vision-language run: the phrases in the templates (names,"
+            " descriptions or both) x the number of templates; the text encoder; where the text"
+            " came from. Rows at shots 0 (zero-shot) use no labelled image; the label-efficiency"
+            " plots draw them as a star at 0 with a dotted line at their level."
         )
     if "segmentation" in tasks:
         out.append(_segmentation_note([r for r in rows if r["task"] == "segmentation"]))
