@@ -144,7 +144,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in BACKBONES.names(args.pattern):
             spec = BACKBONES.get(name)
             print(f"{name:18s} {spec.library}:{spec.model_name}  {spec.description}")
-        print("Any timm model also works as timm:<name>.")
+        print(
+            "Any timm model also works as timm:<name>, open_clip models as open_clip:<arch>/<tag>."
+        )
     else:
         from clinadapt.adapt import METHODS
         from clinadapt.ssl import SSL_METHODS
