@@ -106,3 +106,20 @@ def test_minilm_ships_offline_and_separates_meanings():
     e = enc.encode(["pneumonia on a chest X-ray", "a lung infection", "a fractured femur"])
     torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
     assert e[0] @ e[1] > e[0] @ e[2] + 0.1
+
+
+def test_open_clip_text_tower_offline_names_the_download(monkeypatch, tmp_path):
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    pytest.importorskip("open_clip")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to reach the network")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ClinadaptError, match="open_clip:ViT-B-16/openai.*no internet"):
+        create_text_encoder("open_clip:ViT-B-16/openai")

@@ -159,7 +159,7 @@ class ExperimentConfig:
                 rule = "must not be negative" if low == 0 else f"must be at least {low}"
                 raise ConfigError(f"{key} {rule}, got {value}")
         self.val_shots_value()
-        check_zero_shots(self)
+        check_budget_and_text(self)
         if parse_shift(self.shift).kind != "none" and dataset_task(self).dense_targets:
             raise ConfigError(f"shift={self.shift!r}: shifted test sets are for classification")
         check_choices(self)
@@ -189,7 +189,7 @@ def _budget(value: Any, name: str, *, zero: bool = False) -> int | str:
     return shots
 
 
-def check_zero_shots(cfg: Any) -> None:
+def check_budget_and_text(cfg: Any) -> None:
     """Zero-shot methods run with shots 0, and only they: a method that learns from labels
     given none, or a zero-shot method given labels it would not use, is an error; so is class
     text for a method that reads none."""

@@ -71,4 +71,5 @@ def text_summary(block: dict[str, Any] | None) -> str:
     encoder = block.get("space", {}).get("encoder", {}).get("name", "?")
     source = block.get("source", "?")
     source = source if source.startswith("built-in") else Path(source).name
-    return f"{block.get('use')} x {len(block.get('templates', []))} templates; {encoder}; {source}"
+    n = len(block.get("templates", []))
+    return f"{block.get('use')} x {n} template{'' if n == 1 else 's'}; {encoder}; {source}"
