@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
@@ -124,7 +125,9 @@ def main() -> None:
     parser.add_argument(
         "--uncached-runs", type=int, default=2, help="sweep runs measured without the cache"
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (machine is shared)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     weights = args.weights or default_weights(args.backbone)
     methods, shots = args.methods.split(","), args.shots.split(",")
     runs = list(itertools.product(methods, shots, range(args.seeds)))
