@@ -10,6 +10,7 @@ Each setting runs the two paths alternately, twice, and keeps each path's faster
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -96,7 +97,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     weights = args.weights or default_weights(args.backbone)
-    volumes = np.load(Path(args.data_root) / f"{args.dataset}.npz")["test_images"][: args.volumes]
+    source = Path(args.data_root or ".") / f"{args.dataset}.npz"
+    if not source.is_file():
+        sys.exit(f"{source} not found: pass --data-root, the folder with MedMNIST's .npz files")
+    volumes = np.load(source)["test_images"][: args.volumes]
     backbone = create_backbone(args.backbone, weights)
     cfg = backbone.pretrained_cfg
     settings = [
