@@ -51,6 +51,7 @@ format: $(STAMP)
 
 benchmarks: $(STAMP)
 	CLINADAPT_DATA=$(DEMO_DATA) CLINADAPT_WEIGHTS=$(DEMO_WEIGHTS) $(PY) benchmarks/bench_cache.py
+	CLINADAPT_DATA=$(DEMO_DATA) CLINADAPT_WEIGHTS=$(DEMO_WEIGHTS) $(PY) benchmarks/bench_volumes.py
 	$(PY) benchmarks/bench_bf16.py
 	$(PY) benchmarks/bench_memory.py
 

@@ -16,8 +16,11 @@ LoRA look 35% larger than full fine-tuning); that peak is kept as ``peak_rss_mb_
 Timing runs use the default allocator, as a user would (a fixed threshold makes every large
 allocation a fresh, zeroed mapping, which slows small-tensor-heavy methods such as LoRA).
 
-Reports (a) LoRA / full ratios of trainable parameters, peak memory and step time (fp32) and
-(b) the fp32 / bf16 step-time ratio of full fine-tuning (bf16 autocast via accelerate).
+Reports (a) LoRA / full ratios of trainable parameters, peak memory and step time (fp32), each
+with the training defaults (gradient checkpointing on for LoRA, off for full fine-tuning),
+(b) what checkpointing costs and saves LoRA (``lora-fp32`` against ``lora-fp32-stored``, which
+keeps every activation) and (c) the fp32 / bf16 step-time ratio of full fine-tuning (bf16
+autocast via accelerate).
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from pathlib import Path
 import numpy as np
 
 BACKBONE = "timm:vit_small_patch16_224"
-VARIANTS = {
-    "full-fp32": ("full", "fp32"),
-    "lora-fp32": ("lora", "fp32"),
-    "full-bf16": ("full", "bf16"),
+VARIANTS = {  # method, precision, gradient checkpointing
+    "full-fp32": ("full", "fp32", "auto"),
+    "lora-fp32": ("lora", "fp32", "auto"),
+    "lora-fp32-stored": ("lora", "fp32", False),
+    "full-bf16": ("full", "bf16", "auto"),
 }
 
 
@@ -73,7 +77,7 @@ def worker(variant: str, batch: int, steps: int, warmup: int, threads: int) -> d
             self.peaks.append(peak_mb())
             return self.model(x)
 
-    method, precision = VARIANTS[variant]
+    method, precision, checkpointing = VARIANTS[variant]
     torch.manual_seed(0)
     backbone = create_backbone(BACKBONE, "none")
     model = create_method(method).apply(AdaptedModel(backbone, 2))
@@ -85,7 +89,13 @@ def worker(variant: str, batch: int, steps: int, warmup: int, threads: int) -> d
     cfg = backbone.pretrained_cfg
     preprocess = Preprocess(224, cfg.mean, cfg.std, "nearest")
     config = TrainConfig(
-        epochs=1, batch_size=batch, lr=1e-4, precision=precision, device="cpu", augment="none"
+        epochs=1,
+        batch_size=batch,
+        lr=1e-4,
+        precision=precision,
+        device="cpu",
+        augment="none",
+        gradient_checkpointing=checkpointing,
     )
     baseline = peak_mb()
     with tempfile.TemporaryDirectory() as out:
@@ -105,6 +115,7 @@ def worker(variant: str, batch: int, steps: int, warmup: int, threads: int) -> d
         "variant": variant,
         "method": method,
         "precision": result.precision,
+        "gradient_checkpointing": result.gradient_checkpointing,
         "trainable_parameters": result.trainable_parameters,
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "measured_steps": len(intervals),
@@ -162,7 +173,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, **sizes)))
         return
 
-    from _common import write_result
+    from _common import command, write_result
 
     runs = {}
     for variant in args.variants.split(","):
@@ -182,6 +193,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "measured_steps": args.steps,
         "warmup_steps": args.warmup,
+        "command": command(),
         "torch_threads": args.threads or "default",
         "malloc_mmap_threshold": args.mmap_threshold or "glibc default",
         "machine": {
@@ -191,7 +203,7 @@ def main() -> None:
         },
         "runs": runs,
     }
-    full, lora, bf16 = (runs.get(v) for v in VARIANTS)
+    full, lora, stored, bf16 = (runs.get(v) for v in VARIANTS)
     if full and lora:
 
         def above_baseline(run: dict) -> float:
@@ -205,6 +217,12 @@ def main() -> None:
             "training_memory_ratio": round(above_baseline(lora) / above_baseline(full), 3),
             "step_time_ratio": round(lora["step_s_median"] / full["step_s_median"], 3),
             "step_time_ratio_fastest_steps": round(lora["step_s_min"] / full["step_s_min"], 3),
+        }
+    if lora and stored:
+        result["lora_checkpointing_vs_stored"] = {
+            "peak_memory_ratio": round(lora["peak_rss_mb"] / stored["peak_rss_mb"], 3),
+            "step_time_ratio": round(lora["step_s_median"] / stored["step_s_median"], 3),
+            "step_time_ratio_fastest_steps": round(lora["step_s_min"] / stored["step_s_min"], 3),
         }
     if full and bf16:
         result["fp32_over_bf16"] = {

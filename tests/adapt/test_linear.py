@@ -149,3 +149,75 @@ def test_linear_head_is_refused_where_no_softmax_head_exists(noisy, num_classes)
     partial = create_method("linear").fit(x[keep], y[keep], TaskType.MULTICLASS, 4)
     with pytest.raises(ClinadaptError, match="saw only classes"):
         partial.linear_head()
+
+
+def _per_c_probe(x, y, xv, yv, xt, task, grid):
+    """The probe as a plain per-C scikit-learn grid search selected by roc_auc_score (ties: the
+    smaller C), returning the chosen C, every C's validation AUC and the chosen probe's test
+    probabilities."""
+    scaler = StandardScaler().fit(x)
+    columns = [y[:, 0]] if task.single_label else list(y.T)
+    fits = []
+    for c in grid:
+        models = [
+            LogisticRegression(C=c, solver="lbfgs", max_iter=1000, random_state=0).fit(
+                scaler.transform(x), col
+            )
+            for col in columns
+        ]
+        fits.append(models)
+
+    def proba(models, q):
+        if task.single_label:
+            return models[0].predict_proba(scaler.transform(q))
+        return np.stack([m.predict_proba(scaler.transform(q))[:, 1] for m in models], axis=1)
+
+    scores = [_manual_auc(yv, proba(models, xv), task) for models in fits]
+    best = int(np.argmax(scores))
+    return grid[best], scores, proba(fits[best], xt)
+
+
+@pytest.mark.parametrize("task", CLASSIFICATION_TASKS)
+def test_probe_equals_a_per_c_scikit_learn_search_where_fits_stop_early(
+    task, separable_data, num_classes
+):
+    """More features than examples, as with real few-shot supports: at large C the data are
+    separable and L-BFGS stops on its tolerance, where only a fit from the same start agrees."""
+    from clinadapt.eval import bootstrap_ci, evaluate
+
+    (x, y), (xv, yv), (xt, yt) = (
+        separable_data(task, n, seed, dim=64, shift=1.5) for n, seed in ((24, 0), (40, 1), (60, 2))
+    )
+    grid = tuple(float(c) for c in np.logspace(-4, 4, 9))
+    c, scores, expected = _per_c_probe(x, y, xv, yv, xt, task, grid)
+    probe = create_method("linear").fit(x, y, task, num_classes[task], val=(xv, yv))
+    got = probe.predict_proba(xt)
+    assert probe.selected()["C"] == c
+    np.testing.assert_allclose(probe.selected()["val_scores"], scores, atol=1e-9)
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+    old, new = evaluate(yt, expected, task), evaluate(yt, got, task)
+    for metric in ("auc", "acc", "balanced_accuracy", "macro_f1", "ece"):
+        assert new[metric] == pytest.approx(old[metric], abs=1e-6)
+    np.testing.assert_allclose(
+        list(bootstrap_ci(yt, got, task, n_resamples=200).values()),
+        list(bootstrap_ci(yt, expected, task, n_resamples=200).values()),
+        atol=1e-6,
+    )
+
+
+def test_fits_run_on_one_blas_thread(monkeypatch, noisy):
+    """Few-shot supports are small: BLAS threads cost more than they save, and one thread gives
+    the same probe whatever the machine's thread settings."""
+    from threadpoolctl import threadpool_info
+
+    threads = []
+    fit = LogisticRegression.fit
+
+    def recording(self, *args, **kwargs):
+        threads.extend(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", recording)
+    (x, y), (xv, yv) = noisy(TaskType.MULTILABEL, 40, 0), noisy(TaskType.MULTILABEL, 30, 1)
+    create_method("linear", {"c_grid": list(GRID)}).fit(x, y, TaskType.MULTILABEL, 4, val=(xv, yv))
+    assert threads and set(threads) == {1}

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from clinadapt.backbones import create_backbone
-from clinadapt.engine import extract_features, slice_indices
+from clinadapt.engine import extract_features, slice_indices, volume_planes
 from clinadapt.engine import precision as precision_module
+from clinadapt.engine.features import unique_slices
 from clinadapt.errors import ConfigError
 
 rng = np.random.default_rng(0)
@@ -111,6 +112,48 @@ def test_volume_pooling_matches_per_slice_loop(backbone, preprocess, mode, max_s
     expected = np.stack([naive_volume(backbone, preprocess, v, mode, max_slices) for v in volumes])
     assert out.shape == (5, backbone.feature_dim)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def mask_volumes(n: int, depth: int = 10, edge: int = 12) -> np.ndarray:
+    """Shapes in empty space, like MedMNIST's 3D organ and vessel masks: most slices of every
+    plane are empty, and two of the volumes are the same."""
+    volumes = np.zeros((n, depth, edge, edge), dtype=np.uint8)
+    for k in range(n):
+        lo = 2 + k % 3
+        volumes[k, lo : lo + 4, 3:8, 4 : 4 + k % 5 + 2] = rng.integers(1, 256, (4, 5, k % 5 + 2))
+    volumes[-1] = volumes[0]
+    return volumes
+
+
+@pytest.mark.parametrize("mode", ["axial", "planes"])
+def test_identical_slices_are_embedded_once_with_the_same_features(backbone, preprocess, mode):
+    volumes = mask_volumes(6)
+    seen = []
+
+    def counting(batch):
+        seen.append(len(batch))
+        return preprocess(batch)
+
+    out = extract_features(
+        backbone, volumes, counting, batch_size=40, precision="fp32", volume_mode=mode,
+        is_volume=True, progress=False,
+    )  # fmt: skip
+    expected = np.stack([naive_volume(backbone, preprocess, v, mode) for v in volumes])
+    assert cosine(out, expected).min() > 0.9999
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    per_volume = sum(plane.shape[1] for plane in volume_planes(volumes[:1], mode))
+    assert sum(seen) < len(volumes) * per_volume / 2  # fewer than half of the slices
+
+
+def test_unique_slices_rebuild_the_stack():
+    slices = np.stack([np.zeros((3, 4)), np.ones((3, 4)), np.zeros((3, 4)), -np.ones((3, 4))])
+    distinct, inverse = unique_slices(slices)
+    assert len(distinct) == 3
+    np.testing.assert_array_equal(distinct[inverse], slices)
+    floats = rng.random((5, 2, 2)).astype(np.float32)
+    distinct, inverse = unique_slices(floats[[0, 1, 0, 4]])
+    np.testing.assert_array_equal(distinct[inverse], floats[[0, 1, 0, 4]])
+    assert len(distinct) == 3
 
 
 def test_volume_detection_can_be_forced(backbone, preprocess):

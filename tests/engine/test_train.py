@@ -189,6 +189,58 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
         torch.testing.assert_close(finals[1][key], value, rtol=1e-5, atol=1e-6)
 
 
+def _adapted(method: str, backbone: str = "test_vit") -> AdaptedModel:
+    from clinadapt.adapt import create_method
+
+    torch.manual_seed(0)
+    return create_method(method).apply(AdaptedModel(create_backbone(backbone, "none"), 2))
+
+
+def test_peft_methods_checkpoint_by_default_with_the_same_weights(tmp_path):
+    """LoRA keeps the backbone frozen: recomputing activations saves memory, changes nothing."""
+    data = tiny_data(n_train=16, n_val=4)
+    models, results = [], []
+    for setting in ("auto", False):
+        model = _adapted("lora")
+        results.append(run(model, data, tmp_path / str(setting), epochs=1, batch_size=8,
+                           gradient_checkpointing=setting))  # fmt: skip
+        models.append(model)
+        assert not model.backbone.model.model.grad_checkpointing  # switched off afterwards
+    assert [r.gradient_checkpointing for r in results] == [True, False]
+    trained = models[0].trainable_state_dict()
+    assert any("lora_B" in key and value.abs().max() > 0 for key, value in trained.items())
+    for key, value in models[1].trainable_state_dict().items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7)
+    state = json.loads((tmp_path / "auto" / "checkpoint" / "state.json").read_text())
+    assert state["config"]["gradient_checkpointing"] is True
+
+
+def test_frozen_parameters_get_no_gradient_and_no_optimiser_state(tmp_path):
+    model = _adapted("lora")
+    run(model, tiny_data(n_train=16, n_val=4), tmp_path, epochs=1, batch_size=8)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    saved = torch.load(tmp_path / "checkpoint" / "training.pt", weights_only=True)
+    state = saved["optimizer"]["state"]
+    assert len(state) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_checkpointing_stays_off_where_it_would_change_or_not_help(tmp_path):
+    data = tiny_data(n_train=16, n_val=4)
+    full = run(_adapted("full"), data, tmp_path / "full", epochs=1, batch_size=8)
+    assert full.gradient_checkpointing is False  # full fine-tuning: default unchanged
+    # BitFit on a randomly initialised CNN trains batch norm, whose running statistics update:
+    # a recomputed forward would update them twice
+    bitfit = run(_adapted("bitfit", "test_cnn"), data, tmp_path / "bitfit", epochs=1,
+                 batch_size=8)  # fmt: skip
+    assert bitfit.gradient_checkpointing is False
+    frozen_stats = run(_adapted("bitfit", "test_cnn"), data, tmp_path / "frozen", epochs=1,
+                       batch_size=8, norm_statistics="frozen")  # fmt: skip
+    assert frozen_stats.gradient_checkpointing is True
+    tiny = run(tiny_model(frozen=True), data, tmp_path / "tiny", epochs=1, batch_size=8)
+    assert tiny.gradient_checkpointing is False  # no set_grad_checkpointing: nothing to do
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="adamw"):
         TrainConfig(optimizer="adamx")
@@ -199,6 +251,12 @@ def test_config_errors(tmp_path):
         run(tiny_model(), tiny_data(), tmp_path, precision="fp16")
     with pytest.raises(ConfigError, match="set_grad_checkpointing"):
         run(tiny_model(), tiny_data(), tmp_path, gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="true, false or auto"):
+        from_dict(TrainConfig, {"gradient_checkpointing": "sometimes"})
+    for value in (True, False, "auto"):
+        assert from_dict(TrainConfig, {"gradient_checkpointing": value}).gradient_checkpointing == (
+            value
+        )
     frozen = tiny_model()
     frozen.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):

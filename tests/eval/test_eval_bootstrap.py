@@ -41,6 +41,26 @@ def test_interval_equals_a_naive_resampling_loop(task, informative):
         np.testing.assert_allclose(ci[m], np.percentile(values[m], [2.5, 97.5]), atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 81])
+def test_resamples_drawn_as_blocks_equal_one_draw_per_resample(n, informative, monkeypatch):
+    """Chunks of 7 resamples of an odd-sized, even-sized and single-example test set draw the
+    same indices as the documented loop of ``rng.integers(0, N, N)``, one resample at a time."""
+    monkeypatch.setattr("clinadapt.eval.metrics._CHUNK_ELEMENTS", 7 * n)
+    labels, scores = informative(TaskType.MULTICLASS, 81, 4)
+    labels, scores = labels[:n], scores[:n]
+    ci = bootstrap_ci(labels, scores, "multi-class", metrics=ALL[1:], n_resamples=30, seed=5)
+    rng = np.random.default_rng(5)
+    values = {m: [] for m in ALL[1:]}
+    for _ in range(30):
+        idx = rng.integers(0, n, n)
+        result = evaluate(labels[idx], scores[idx], "multi-class")
+        for m in values:
+            values[m].append(result[m])
+    for m, v in values.items():
+        v = np.asarray(v)[~np.isnan(v)]
+        np.testing.assert_allclose(ci[m], np.percentile(v, [2.5, 97.5]), atol=1e-12)
+
+
 @pytest.mark.parametrize("task", CLASSIFICATION_TASKS)
 def test_interval_contains_estimate_and_narrows_with_more_data(task, informative):
     small = informative(task, 100, 1)

@@ -9,7 +9,7 @@ from sklearn import metrics as skm
 
 from clinadapt.data.info import CLASSIFICATION_TASKS, TaskType
 from clinadapt.errors import DataError
-from clinadapt.eval import evaluate
+from clinadapt.eval import auc, evaluate
 from clinadapt.eval.metrics import UndefinedMetricWarning
 
 MEDMNIST_TASK = {
@@ -124,6 +124,19 @@ def test_perfect_and_threshold():
     result = evaluate(labels, scores, "binary")
     assert result["auc"] == 1.0 and result["acc"] == 1.0 and result["macro_f1"] == 1.0
     assert evaluate(labels, scores, "binary", threshold=0.65)["acc"] == 0.75
+
+
+@pytest.mark.parametrize("task", CLASSIFICATION_TASKS)
+@pytest.mark.parametrize(("seed", "ties"), [(0, False), (2, True)])
+def test_auc_alone_equals_evaluate_s_and_is_nan_silently_when_undefined(
+    task, seed, ties, predictions
+):
+    labels, scores = predictions(task, 50, seed, ties)
+    assert auc(labels, scores, task) == evaluate(labels, scores, task)["auc"]
+    one_class = np.zeros_like(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(auc(one_class, scores, task))
 
 
 def test_single_class_present_gives_nan_auc_without_crashing():

@@ -9,10 +9,22 @@ from clinadapt.errors import ConfigError
 from clinadapt.runner.records import (
     RECORD_VERSION,
     check_writable,
+    package_versions,
     read_records,
     write_bytes_atomic,
     write_json_atomic,
 )
+
+
+def test_package_versions_are_read_once_and_each_caller_gets_its_own_copy(monkeypatch):
+    from importlib import metadata
+
+    torch_version = metadata.version("torch")
+    first = package_versions()
+    assert first["torch"] == torch_version
+    monkeypatch.setattr(metadata, "version", lambda name: pytest.fail("metadata read again"))
+    first["torch"] = "changed by a caller"
+    assert package_versions()["torch"] == torch_version
 
 
 def test_records_are_valid_json_with_nan_as_null(tmp_path):

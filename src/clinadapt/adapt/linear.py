@@ -3,6 +3,13 @@
 The standard protocol for frozen representations (Radford et al. 2021, CLIP; Oquab et al. 2023,
 DINOv2): L-BFGS logistic regression whose L2 strength is chosen on the validation split, never on
 test. Multi-label tasks fit one binary probe per label (one-vs-rest) with a shared C.
+
+Every C is fitted from zero, not warm-started from its neighbour: L-BFGS stops at its tolerance,
+and at large C (weak regularisation, nearly separable few-shot supports) that stopping point
+depends on where it started, so a warm-started path selects other probes. The fits run with one
+BLAS thread: a support set is small (N x D about 500 x 1280), multithreaded matrix-vector
+products on it cost more in hand-offs than they save (25x slower on a busy two-core machine),
+and a single thread gives the same probe whatever the machine's thread settings.
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from clinadapt.adapt._checks import check_fit_inputs, check_query
 from clinadapt.adapt.base import METHODS, FrozenFeatureMethod
 from clinadapt.data.info import TaskType
 from clinadapt.errors import ClinadaptError, ConfigError
+from clinadapt.eval.metrics import auc
 
 
 @dataclass
@@ -80,15 +89,7 @@ class _Probe:
 
 def _val_auc(y: np.ndarray, p: np.ndarray, task: TaskType) -> float:
     """MedMNIST's AUC (macro one-vs-rest, per-label mean); NaN if a class has one value in val."""
-    if task is TaskType.BINARY:
-        pairs = [(y == 1, p[:, 1])]
-    elif task.single_label:
-        pairs = [(y == c, p[:, c]) for c in range(p.shape[1])]
-    else:
-        pairs = [(y[:, c] == 1, p[:, c]) for c in range(p.shape[1])]
-    if any(t.all() or not t.any() for t, _ in pairs):
-        return float("nan")
-    return float(np.mean([roc_auc_score(t, s) for t, s in pairs]))
+    return auc(y, p, task)
 
 
 def _val_log_loss(y: np.ndarray, p: np.ndarray, task: TaskType) -> float:
@@ -160,11 +161,12 @@ class LinearProbe(FrozenFeatureMethod):
         self._num_classes = num_classes
         self._scaler = StandardScaler().fit(x)
         x = self._scaler.transform(x)
-        if val is None:
-            self._probes = self._fit_probes(x, y, 1.0, seed)
-            self._selected = {"C": 1.0, "selection": "default C=1 (no validation split given)"}
-        else:
-            self._select(x, y, (self._scaler.transform(val[0]), val[1]), seed)
+        with threadpool_limits(limits=1, user_api="blas"):
+            if val is None:
+                self._probes = self._fit_probes(x, y, 1.0, seed)
+                self._selected = {"C": 1.0, "selection": "default C=1 (no validation split given)"}
+            else:
+                self._select(x, y, (self._scaler.transform(val[0]), val[1]), seed)
         self._selected["converged"] = all(p.converged for p in self._probes)
         return self
 

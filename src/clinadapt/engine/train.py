@@ -28,7 +28,7 @@ from clinadapt.data.info import TaskType
 from clinadapt.data.transforms import VolumePreprocess
 from clinadapt.engine.augment import resolve_augment
 from clinadapt.engine.batches import ArraySource, SliceMean, collate_for, is_grayscale
-from clinadapt.engine.loop import Loop
+from clinadapt.engine.loop import Loop, freezes_norm_statistics
 from clinadapt.engine.precision import (
     decide_precision,
     forward_in,
@@ -93,7 +93,7 @@ def train(
     with (
         accelerator_session(precision, config.device, config.grad_accumulation) as accelerator,
         deterministic_kernels(config.deterministic),
-        _grad_checkpointing(model, config.gradient_checkpointing),
+        _grad_checkpointing(model, config) as checkpointing,
     ):
         resolved = {
             **to_dict(config),
@@ -106,6 +106,7 @@ def train(
             "volume": volume,
             "world_size": accelerator.num_processes,
             "trainable": _trainable_digest(model),
+            "gradient_checkpointing": checkpointing,
         }
         resolved.pop("num_workers")
         loop = Loop(
@@ -125,7 +126,9 @@ def train(
             progress=progress,
         )
         result = loop.run(resume=resume, on_epoch_end=on_epoch_end)
-    return dataclasses.replace(result, precision_check=check.to_dict())
+    return dataclasses.replace(
+        result, precision_check=check.to_dict(), gradient_checkpointing=checkpointing
+    )
 
 
 def _checked(
@@ -222,25 +225,80 @@ class _DenseFeatures(nn.Module):
 
 
 @contextlib.contextmanager
-def _grad_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """timm's ``set_grad_checkpointing`` on the outermost module offering it, for the run."""
-    if not enabled:
-        yield
-        return
+def _grad_checkpointing(model: nn.Module, config: TrainConfig) -> Iterator[bool]:
+    """timm's ``set_grad_checkpointing`` on the outermost module offering it, for the run;
+    yields whether it is on.
+
+    ``auto`` turns it on for methods that freeze part of the model (LoRA, adapters, prompts,
+    BitFit, a head alone): their optimiser state is small, so the activations kept for the
+    backward pass are most of the memory, and recomputing each block's forward gives the same
+    gradients. It stays off for full fine-tuning; where this timm cannot checkpoint without
+    re-entrance (a frozen block's input needs no gradient, so a re-entrant checkpoint would
+    drop the gradients of the adapter layers inside it); and where a batch norm updates its
+    running statistics (the recomputed forward would update them twice).
+    """
+    setting = config.gradient_checkpointing
     owner = next(
         (m for m in model.modules() if callable(getattr(m, "set_grad_checkpointing", None))), None
     )
+    reentrance = _reentrance_switch() if setting else None
+    if setting == "auto":
+        setting = (
+            owner is not None
+            and reentrance is not None
+            and any(not p.requires_grad for p in model.parameters())
+            and not _updates_norm_statistics(model, config.norm_statistics)
+        )
+    if not setting:
+        yield False
+        return
     message = (
         f"gradient_checkpointing=true is not supported by {type(model).__name__}: it needs a "
         "timm model with set_grad_checkpointing(); set gradient_checkpointing=false"
     )
     if owner is None:
         raise ConfigError(message)
-    try:
-        owner.set_grad_checkpointing(True)
-    except (NotImplementedError, AssertionError) as err:
-        raise ConfigError(f"{message} ({err})") from None
-    try:
-        yield
-    finally:
-        owner.set_grad_checkpointing(False)
+    with reentrance or contextlib.nullcontext():
+        try:
+            owner.set_grad_checkpointing(True)
+        except (NotImplementedError, AssertionError) as err:
+            raise ConfigError(f"{message} ({err})") from None
+        try:
+            yield True
+        finally:
+            owner.set_grad_checkpointing(False)
+
+
+def _reentrance_switch() -> contextlib.AbstractContextManager[None] | None:
+    """A context in which timm checkpoints without re-entrance, or None where this timm cannot
+    be told (its checkpoints then follow torch's default)."""
+    import timm.layers
+
+    use = getattr(timm.layers, "use_reentrant_ckpt", None)
+    set_ = getattr(timm.layers, "set_reentrant_ckpt", None)
+    if use is None or set_ is None:
+        return None
+
+    @contextlib.contextmanager
+    def switched() -> Iterator[None]:
+        before = use()
+        set_(False)
+        try:
+            yield
+        finally:
+            set_(before)
+
+    return switched()
+
+
+def _updates_norm_statistics(model: nn.Module, mode: str) -> bool:
+    """Whether a batch norm will update its running statistics while training (one with a
+    trainable parameter, unless ``norm_statistics`` freezes them all; see ``Loop``)."""
+    if freezes_norm_statistics(model, mode):
+        return False
+    return any(
+        isinstance(m, nn.modules.batchnorm._NormBase)
+        and m.track_running_stats
+        and any(p.requires_grad for p in m.parameters(recurse=False))
+        for m in model.modules()
+    )

@@ -89,8 +89,13 @@ class TrainConfig:
     device: str = field(
         default="auto", metadata=_help("auto (a GPU when present, via accelerate) | cpu")
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata=_help("recompute activations to save memory (timm models)")
+    gradient_checkpointing: bool | str = field(
+        default="auto",
+        metadata=_help(
+            "recompute each block's activations in the backward pass to save memory (timm "
+            "models; the same weights): true | false | auto (on where a method freezes part of "
+            "the model and no batch norm updates its statistics, off for full fine-tuning)"
+        ),
     )
     augment: str = field(
         default="auto",
@@ -134,6 +139,13 @@ class TrainConfig:
         for key in ("early_stopping_patience", "max_slices", "num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
+        if not (
+            isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"
+        ):
+            raise ConfigError(
+                "gradient_checkpointing must be true, false or auto, got "
+                f"{self.gradient_checkpointing!r}"
+            )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.gamma <= 1:
@@ -155,6 +167,7 @@ class TrainResult:
     precision: str
     trainable_parameters: int
     precision_check: dict[str, Any] | None = None  # PrecisionDecision.to_dict()
+    gradient_checkpointing: bool = False  # whether the run recomputed activations
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

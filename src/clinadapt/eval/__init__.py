@@ -1,6 +1,6 @@
 """Task-aware evaluation: MedMNIST-compatible AUC/ACC, imbalance-aware metrics, calibration and
 bootstrap confidence intervals."""
 
-from clinadapt.eval.metrics import bootstrap_ci, evaluate
+from clinadapt.eval.metrics import auc, bootstrap_ci, evaluate
 
-__all__ = ["bootstrap_ci", "evaluate"]
+__all__ = ["auc", "bootstrap_ci", "evaluate"]

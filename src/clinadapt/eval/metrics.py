@@ -102,6 +102,13 @@ def evaluate(
     return out
 
 
+def auc(labels: np.ndarray, scores: np.ndarray, task: TaskType | str) -> float:
+    """``evaluate``'s ``auc`` alone, NaN (without a warning) where it is undefined: for scoring
+    many candidate models on validation, where the other metrics and warnings are not wanted."""
+    prep = _prepare(labels, scores, task, 0.5, 1)
+    return float(scalar_metrics(prep, np.ones((1, prep.cells.shape[0])), ("auc",))["auc"][0])
+
+
 def _undefined(prep: Prepared, out: dict[str, Any]) -> dict[str, str]:
     """Why each NaN scalar metric of ``out`` is undefined."""
     reasons = {}
@@ -144,7 +151,8 @@ def bootstrap_ci(
     """Percentile-bootstrap ``[low, high]`` (1 - alpha) intervals of ``evaluate``'s scalar metrics.
 
     Examples are resampled with replacement (Efron & Tibshirani 1993); resample ``b`` draws
-    ``rng.integers(0, N, N)`` in turn from ``numpy.random.default_rng(seed)``. Resamples where a
+    ``rng.integers(0, N, N)`` in turn from ``numpy.random.default_rng(seed)`` (drawn as one
+    ``(B, N)`` block, which gives the same numbers). Resamples where a
     metric is undefined (e.g. AUC with a class missing) are skipped for that metric, so rare
     classes can make intervals rest on fewer resamples; ``[nan, nan]`` when none is defined.
     """
@@ -164,7 +172,7 @@ def bootstrap_ci(
     chunk = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, n_resamples, chunk):
         b = min(chunk, n_resamples - start)
-        idx = np.stack([rng.integers(0, n, n) for _ in range(b)])
+        idx = rng.integers(0, n, (b, n))
         flat = (idx + n * np.arange(b)[:, None]).ravel()
         w = np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
         for name, v in scalar_metrics(prep, w, names).items():

@@ -223,7 +223,10 @@ def trained_method(
         "head": model.head_kind,
         "config": to_dict(method.config),
         "train": to_dict(train_cfg),
-        "selected": {"best_epoch": result.best_epoch},
+        "selected": {
+            "best_epoch": result.best_epoch,
+            "gradient_checkpointing": result.gradient_checkpointing,
+        },
         "fitted_parameters": trainable,
         "trainable_backbone_parameters": trainable
         - sum(p.numel() for p in model.head.parameters()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -40,6 +41,13 @@ def record_task(record: dict[str, Any]) -> Task:
 
 
 def package_versions() -> dict[str, str | None]:
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str | None]:
+    """Read once per process: package metadata costs about 10 ms a package, which a sweep of
+    many short runs would otherwise pay on every record."""
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
