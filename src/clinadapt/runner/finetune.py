@@ -245,7 +245,7 @@ def evaluate_trained(
         test_y,
         scores,
         (np.asarray(dataset["val"].labels)[source.val_picked], source.val_scores),
-        run_dir=run_dir,
+        run_dir=run_dir if cfg.reliability_diagram else None,
         title=f"{info.name}: {model.backbone.name} {cfg.method}{tta.describe(cfg)}, test split",
     )
     metrics: dict[str, Any] = {
@@ -257,8 +257,10 @@ def evaluate_trained(
             test_y, scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
     extra: dict[str, Any] = {}
-    if not own:  # the training and its time are the source run's
+    training_times = {"time_per_epoch_s": result.time_per_epoch_s, "train_s": result.total_s}
+    if not own:  # the training and its time are the source run's record's
         extra["trained_in"] = {"run": source.run_id, "dir": str(source.run_dir)}
+        training_times = {}
     return build_record(
         "finetune",
         to_dict(cfg),
@@ -292,8 +294,7 @@ def evaluate_trained(
         timings={
             "setup_s": source.setup_s,
             "setup_key": source.run_id,
-            "time_per_epoch_s": result.time_per_epoch_s,
-            "train_s": result.total_s,
+            **training_times,
             "predict_s": predict_s,
             "run_s": time.perf_counter() - start + (source.train_s if own else 0.0),
         },
