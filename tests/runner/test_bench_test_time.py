@@ -205,3 +205,15 @@ def test_a_source_given_another_run_s_training_is_refused(tmp_path):
     other = ExperimentConfig(**{**cfg.__dict__, "seed": 1})
     with pytest.raises(ConfigError, match="more than its test-time options"):
         evaluate_trained(other, source, tmp_path / "b", progress=False)
+
+
+def test_reliability_diagrams_can_be_left_out_of_a_grid_s_runs(tmp_path):
+    for method, base in (("linear", BASE), ("full", TRAINED)):
+        made = grid(methods=[method], base={**base, "reliability_diagram": False}, ttas=["lame"])
+        assert run_grid(made, tmp_path / method, progress=False)["failed"] == 0
+        records = list((tmp_path / method).rglob("shots-*.json"))
+        assert len(records) == (1 if method == "linear" else 2)  # a trained grid adds its source
+        for path in records:
+            calibration = json.loads(path.read_text())["calibration"]
+            assert "diagram" not in calibration and calibration["test"]["before"]["ece"] >= 0
+        assert not list((tmp_path / method).rglob("reliability.png"))
