@@ -10,10 +10,14 @@ the volumes slice by slice.
 Each source is tested on the clean test split and on shifted ones: MedMNIST-C corruptions of the
 test split (``--corruptions``, ``--severities``; ``all`` is every corruption MedMNIST-C defines for
 the dataset) for the 2D datasets, the 64^3 release for adrenalmnist3d (trained at 28^3), with every
-test-time adaptation method (``--ttas``) at every batch size (``--batch-sizes``). ViT sources are
-also tested with the adaptive-temperature softmax (output, attention, both). Each run is a
-``clinadapt bench`` record under ``--out`` (resumable: a second call runs only what is missing);
-a trained source is trained once and tested under every setting.
+test-time adaptation method (``--ttas``) at every batch size (``--batch-sizes``), each test set
+one stream adapted continually from the source (in episodic mode one-step tent, eata and sar
+predict what bn or the source predicts). ViT sources are also tested with the adaptive-temperature
+softmax (output, attention, both). Each run is a ``clinadapt bench`` record under ``--out``
+(resumable: a second call runs only what is missing, so a protocol can be run in parts, e.g. one
+call per dataset and source with its own ``--epochs``); a trained source is trained once and
+tested under every setting. Every call that ran grids is logged in ``--out``; the JSON is written
+from all records there, with the calls and what the defaults would add (``not_run``).
 
 The JSON (``results/tta.json``) has a row per test set and setting (AUC, ACC, ECE before and
 after temperature scaling, the change against the same source without tta on the same set,
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from _common import command, default_data_root, default_weights, machine, write_result
 from clinadapt.paths import cache_home
@@ -88,6 +93,12 @@ def main() -> None:
     parser.add_argument(
         "--adaptive", default=",".join(ADAPTIVE), help="adaptive-temperature settings of ViTs"
     )
+    parser.add_argument(
+        "--tta-options",
+        default="",
+        help="YAML {method: {option: value or [values]}} over the defaults (EATA d_margin "
+        f"{EATA_D_MARGIN}), e.g. '{{tent: {{lr: [0.0025, 0.01]}}}}' (a list is a grid)",
+    )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument(
         "--epochs", type=int, default=None, help="training epochs (default: the library's)"
@@ -101,6 +112,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(cache_home() / "bench_tta"))
     parser.add_argument(
         "--summarise-only", action="store_true", help="write the JSON from the records, run nothing"
+    )
+    parser.add_argument(
+        "--note", default="", help="why the records hold what they hold (kept in the protocol)"
     )
     args = parser.parse_args()
     out = Path(args.out)
@@ -121,19 +135,32 @@ def main() -> None:
     _add_deltas(rows)
     write_result(
         "tta",
-        {
-            "protocol": protocol(out, records),
-            "mean_over_corruptions": mean_over_corruptions(rows),
-            "by_severity": by_severity(rows),
-            "collapses": collapses(rows),
-            "adaptive_temperature": adaptive_rows(rows),
-            "temperature_scaling": temperature_rows(rows),
-            "rows": rows,
-            "failed": [
-                {"run": r["config"], "error": r["error"]} for r in records if r.get("failed")
-            ],
-        },
+        rounded(
+            {
+                "protocol": protocol(out, records, args.note),
+                "mean_over_corruptions": mean_over_corruptions(rows),
+                "by_severity": by_severity(rows),
+                "collapses": collapses(rows),
+                "adaptive_temperature": adaptive_rows(rows),
+                "temperature_scaling": temperature_rows(rows),
+                "rows": rows,
+                "failed": [
+                    {"run": r["config"], "error": r["error"]} for r in records if r.get("failed")
+                ],
+            }
+        ),
     )
+
+
+def rounded(value: Any) -> Any:
+    """Floats to 5 decimals (seconds per image stay readable, metrics far below their noise)."""
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
 
 
 def source_of(dataset: str, source: str) -> tuple[str, str, str]:
@@ -181,13 +208,18 @@ def grids(dataset: str, source: str, args: argparse.Namespace) -> list[GridConfi
         shifts=shifts(dataset, args),
     )
     ttas = [t for t in args.ttas.split(",") if not (t == "bn" and backbone in VITS)]
+    given = yaml.safe_load(args.tta_options) or {}
+    options = {"eata": {"d_margin": EATA_D_MARGIN}} | {
+        name: {**({"d_margin": EATA_D_MARGIN} if name == "eata" else {}), **values}
+        for name, values in given.items()
+    }
     out = [
         GridConfig(
             **common,
             base=base,
             ttas=ttas,
             tta_batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-            tta_options={"eata": {"d_margin": EATA_D_MARGIN}} if "eata" in ttas else {},
+            tta_options={name: values for name, values in options.items() if name in ttas},
         )
     ]
     if backbone in VITS:
@@ -210,6 +242,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "corruption": parts[1] if parts[0] == "medmnistc" else (spec if spec != "none" else None),
         "severity": int(parts[2]) if parts[0] == "medmnistc" else None,
         "tta": cfg["tta"],
+        "tta_options": ",".join(f"{k}={v}" for k, v in sorted(cfg["tta_options"].items())),
         "batch_size": cfg["tta_batch_size"] if adapted else None,
         "adaptive_temperature": cfg["adaptive_temperature"],
         "n": record["dataset"]["split_sizes"]["test"],
@@ -259,13 +292,7 @@ def _add_deltas(rows: list[dict[str, Any]]) -> None:
 
 
 def _setting(row: dict[str, Any]) -> tuple:
-    return (
-        row["dataset"],
-        row["source"],
-        row["tta"],
-        row["batch_size"],
-        row["adaptive_temperature"],
-    )
+    return tuple(row[k] for k in SETTING)
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -296,7 +323,7 @@ def _named(key: tuple, names: tuple[str, ...]) -> dict[str, Any]:
     return dict(zip(names, key, strict=True))
 
 
-SETTING = ("dataset", "source", "tta", "batch_size", "adaptive_temperature")
+SETTING = ("dataset", "source", "tta", "tta_options", "batch_size", "adaptive_temperature")
 
 
 def mean_over_corruptions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -324,21 +351,23 @@ def by_severity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def collapses(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per source, tta method and batch size, over every shifted set of every dataset: how often
-    accuracy fell more than ``COLLAPSE_POINTS`` below the unadapted source on the same set."""
+    accuracy fell more than ``COLLAPSE_POINTS`` below the unadapted source on the same set, and
+    how often AUC fell more than 0.05 (a collapse onto the majority class can keep accuracy)."""
     adapted = [
         r
         for r in rows
         if r["tta"] != "none" and r["shift"] != "none" and r["adaptive_temperature"] == "off"
     ]
     out = []
-    groups = _grouped(adapted, lambda r: (r["source"], r["tta"], r["batch_size"]))
+    groups = _grouped(adapted, lambda r: (r["source"], r["tta"], r["tta_options"], r["batch_size"]))
     for key, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         hit = [r for r in group if r.get("collapsed")]
         out.append(
             {
-                **_named(key, ("source", "tta", "batch_size")),
+                **_named(key, ("source", "tta", "tta_options", "batch_size")),
                 "collapsed": len(hit),
                 "shifted_sets": len(group),
+                "auc_drop_over_0.05": sum(r.get("delta_auc", 0.0) < -0.05 for r in group),
                 "worst_acc_drop_points": max(
                     (-100 * r["delta_acc"] for r in group if "delta_acc" in r), default=None
                 ),
@@ -393,8 +422,9 @@ def temperature_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def protocol(out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """What was run, read from the records and the calls logged in ``out``."""
+def protocol(out: Path, records: list[dict[str, Any]], note: str) -> dict[str, Any]:
+    """What was run, read from the records and the calls logged in ``out``; what the defaults
+    would run besides."""
     done = [r for r in records if not r.get("failed")]
     runs: dict[tuple, dict[str, Any]] = {}
     for record in done:
@@ -406,25 +436,45 @@ def protocol(out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
                 "weights": cfg["weights"],
                 "method": cfg["method"],
                 "input_size": record["preprocessing"].get("input_size"),
-                "epochs": None,
+                "epochs_requested": None,
+                "epochs_trained": None,
                 "shifts": set(),
                 "ttas": set(),
+                "tta_options": set(),
                 "batch_sizes": set(),
                 "adaptive_temperature": set(),
                 "records": 0,
             },
         )
         if record["kind"] == "finetune" and "trained_in" not in record:
-            entry["epochs"] = len(record["history"])
+            entry["epochs_requested"] = record["method"]["train"]["epochs"]
+            entry["epochs_trained"] = len(record["history"])  # fewer: stopped early
         entry["shifts"].add(cfg["shift"])
         entry["ttas"].add(cfg["tta"])
+        if cfg["tta_options"]:
+            entry["tta_options"].add(f"{cfg['tta']}: {json.dumps(cfg['tta_options'])}")
         if record["tta"].get("applied"):
             entry["batch_sizes"].add(cfg["tta_batch_size"])
         entry["adaptive_temperature"].add(cfg["adaptive_temperature"])
         entry["records"] += 1
     calls = out / CALLS
     logged = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+    missing = [(d, s) for d in DATASETS for s in SOURCES if (d, s) not in runs]
     return {
+        "note": note,
+        "full_protocol": "PYTHONPATH=src python benchmarks/bench_tta.py (the defaults: every "
+        "source on every dataset, every MedMNIST-C corruption at severities 1-5, tta "
+        f"{'/'.join(TTAS)} at batch sizes 16 and 64, continual, MobileNetV2 at 224 px, the "
+        "library's training epochs)",
+        "not_run": [
+            {
+                "dataset": d,
+                "source": s,
+                "command": f"OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_tta.py "
+                f"--datasets {d} --sources {s} --out {out}",
+            }
+            for d, s in missing
+        ],
         "summarised_by": command(),
         "calls": logged,
         "wall_s": sum(c["wall_s"] for c in logged),
@@ -449,7 +499,8 @@ def protocol(out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
         "tta": "each test set is one stream in its released order; continual mode adapts from "
         "the source along it, episodic resets before every batch; the library's default "
         f"options except EATA d_margin = {EATA_D_MARGIN} (the ImageNet default 0.05 rejects "
-        "nearly every sample with 2-5 classes); bn is left out for ViTs (no batch norm). "
+        "nearly every sample with 2-5 classes) and the tta_options listed per run; bn is left "
+        "out for ViTs (no batch norm). "
         "Trained sources adapt on the test images; the linear probe runs bn/tent/sar/eata "
         "through MobileNetV2 on the test images and none/t3a/lame on the extracted features "
         "(their seconds per image then exclude the backbone: extract_s_per_image in the rows "

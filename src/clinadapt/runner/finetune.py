@@ -73,9 +73,7 @@ class TrainedSource:
 def source_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with the test-time options at their defaults: the run whose trained model every
     run differing from it only in those options is evaluated with."""
-    from clinadapt.runner.experiment import ExperimentConfig
-
-    defaults = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    defaults = {f.name: f for f in dataclasses.fields(cfg)}
     values = {
         name: defaults[name].default_factory()
         if defaults[name].default is dataclasses.MISSING
