@@ -18,6 +18,8 @@ from clinadapt.registry import did_you_mean
 
 NESTED = ("method_options", "train", "view_options", "tta_options")
 """Options set as key=value: method.K=V, train.K=V, views.K=V, tta.K=V."""
+LIST_AXES = ("datasets", "backbones", "weights", "methods", "shots", "shifts", "ttas")
+"""Grid options given as comma-separated text on the command line."""
 PER_METHOD = "per_method_options"  # method.NAME.K=V: an option of one method in a grid
 
 
@@ -305,16 +307,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _grid_from_args(args: argparse.Namespace):
+    import yaml
+
     from clinadapt.config import from_dict, load_yaml
     from clinadapt.runner.bench import GridConfig
     from clinadapt.runner.experiment import ExperimentConfig
     from clinadapt.runner.identity import GRID_AXES
 
     options = load_yaml(args.config) if args.config else {}
-    for axis in ("datasets", "backbones", "weights", "methods", "shots"):
+    for axis in (*LIST_AXES, "tta_batch_sizes"):
         value = getattr(args, axis)
         if value is not None:
-            options[axis] = [v.strip() for v in value.split(",") if v.strip()]
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            options[axis] = items if axis in LIST_AXES else [yaml.safe_load(v) for v in items]
+    if args.tta_options is not None:  # {method: {option: value}}, as YAML
+        options["tta_options"] = yaml.safe_load(args.tta_options)
     if args.seeds is not None:
         options["seeds"] = args.seeds
     base = dict(options.get("base", {}))

@@ -1,4 +1,12 @@
-"""Grids of experiments: resumable, one record per run, features shared across a grid's runs."""
+"""Grids of experiments: resumable, one record per run, features shared across a grid's runs.
+
+Besides its axes of runs (datasets, backbones, weights, methods, shots, seeds), a grid can vary
+how each run is tested: its test set (``shifts``) and test-time adaptation (``ttas``,
+``tta_batch_sizes``, ``tta_options``). A trained run is trained once for all of them, by its
+source run (the same run without test-time options, ``finetune.source_config``): the grid trains
+it, or restores it from its checkpoint, writes its record when missing, and tests its model under
+every other setting.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from clinadapt.runner.experiment import (
     run_on_features,
     trains,
 )
+from clinadapt.runner.finetune import TrainedSource, evaluate_trained, source_config, train_source
 from clinadapt.runner.identity import GRID_AXES, bundle_key, run_id
 from clinadapt.runner.records import failure_record, write_json_atomic
 from clinadapt.runner.text import needs_text
@@ -65,6 +74,29 @@ class GridConfig:
             "comma-separated values, for a one-value option is a grid over them"
         },
     )
+    shifts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "test sets, an axis: shift specs (none, medmnistc:<corruption or "
+            "all>:<severity or lo-hi>, size:<n>, target:<path>); all and severity ranges become "
+            "one test set per corruption and severity (default: the shift of every run)"
+        },
+    )
+    ttas: list[str] | None = field(
+        default=None,
+        metadata={"help": "test-time adaptation methods, an axis (default: the tta of every run)"},
+    )
+    tta_batch_sizes: list[int] | None = field(
+        default=None,
+        metadata={"help": "test-time adaptation batch sizes, an axis over the runs that adapt"},
+    )
+    tta_options: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "options of one tta method, like method_options (a list of values is a "
+            "grid over them)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -75,6 +107,31 @@ class GridConfig:
             raise ConfigError(
                 f"{axes} are axes of the grid and cannot be set for every run; use {flags}"
             )
+        for axis, option in TEST_TIME_AXES.items():
+            values = getattr(self, axis)
+            if values is not None and not values:
+                raise ConfigError(f"{axis} is empty; list at least one value, or leave it out")
+            if values is not None and option in self.base:
+                raise ConfigError(
+                    f"{option}={self.base[option]!r} is set for every run and {axis} is an axis "
+                    f"of the grid; give one of them (e.g. {axis}: [{self.base[option]!r}])"
+                )
+        if self.ttas is not None and "tta_options" in self.base:
+            raise ConfigError(
+                "tta options set for every run do not apply to every tta method of the grid "
+                f"({self.ttas}); set them per method, e.g. tta_options: {{{self.ttas[-1]}: "
+                f"{self.base['tta_options']}}}"
+            )
+        ttas = self.ttas if self.ttas is not None else [self.base.get("tta", "none")]
+        unknown = sorted(set(self.tta_options) - set(ttas))
+        if unknown:
+            raise ConfigError(
+                f"tta options given for {unknown}, which the grid does not run (ttas: {ttas})"
+            )
+
+
+TEST_TIME_AXES = {"shifts": "shift", "ttas": "tta", "tta_batch_sizes": "tta_batch_size"}
+"""Grid axes over how runs are tested, and the run option each sets."""
 
 
 def record_path(out_dir: Path, cfg: ExperimentConfig) -> Path:
@@ -148,8 +205,60 @@ def _method_option_sets(grid: GridConfig, method: str) -> list[dict[str, Any]]:
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
 
 
+def _tta_option_sets(grid: GridConfig, name: str) -> list[dict[str, Any] | None]:
+    """Every combination of the options set for tta method ``name`` (None: none set)."""
+    from clinadapt.registry import did_you_mean
+    from clinadapt.tta import TTA_METHODS
+
+    options = grid.tta_options.get(name)
+    if not options:
+        return [None]
+    hints = typing.get_type_hints(TTA_METHODS.get(name).config_cls)
+    for option in options:
+        if option not in hints:
+            raise ConfigError(
+                f"{option!r} is not an option of tta method {name!r} (its options: "
+                f"{sorted(hints)}).{did_you_mean(option, list(hints))}"
+            )
+    names = sorted(options)
+    values = [_option_values(hints[n], options[n]) for n in names]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def _test_time_sets(grid: GridConfig, dataset: str) -> list[dict[str, Any]]:
+    """The test-time options of each run of ``dataset`` the grid makes from one run: one dict
+    per (shift, tta, batch size, tta options), holding only what the grid's axes set."""
+    from clinadapt.data.shifts import expand_shifts
+
+    size = int(grid.base.get("size", 28))
+    shifts: list[str | None] = [None]
+    if grid.shifts is not None:
+        shifts = list(
+            dict.fromkeys(
+                s for spec in grid.shifts for s in expand_shifts(dataset, spec, size=size)
+            )
+        )
+    sets = []
+    for shift in shifts:
+        for name in grid.ttas if grid.ttas is not None else [None]:
+            method = name if name is not None else grid.base.get("tta", "none")
+            adapts = str(method).lower() != "none"
+            sizes = grid.tta_batch_sizes if adapts and grid.tta_batch_sizes else [None]
+            for batch_size in sizes:
+                for options in _tta_option_sets(grid, method) if adapts else [None]:
+                    given = {
+                        "shift": shift,
+                        "tta": name,
+                        "tta_batch_size": batch_size,
+                        "tta_options": options,
+                    }
+                    sets.append({k: v for k, v in given.items() if v is not None})
+    return sets
+
+
 def expand(grid: GridConfig) -> list[ExperimentConfig]:
-    """All runs of the grid, ordered so that runs sharing features are adjacent."""
+    """All runs of the grid, ordered so that runs sharing work are adjacent: frozen runs with
+    the same features, trained runs with the same source run (``finetune.source_config``)."""
     from clinadapt.config import from_dict
 
     unknown = sorted(set(grid.method_options) - set(grid.methods))
@@ -172,6 +281,7 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
         )
     option_sets = {method: _method_option_sets(grid, method) for method in grid.methods}
     shots_of = _shots_per_method(grid)
+    test_sets = {dataset: _test_time_sets(grid, dataset) for dataset in grid.datasets}
     runs = []
     for dataset, backbone, weights, method, shots, seed in itertools.product(
         grid.datasets, grid.backbones, grid.weights, grid.methods, grid.shots, range(grid.seeds)
@@ -183,9 +293,10 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
             base.pop("train", None)
         if method not in texts:
             base.pop("class_text", None)
-        for method_options in option_sets[method]:
+        for method_options, tested in itertools.product(option_sets[method], test_sets[dataset]):
             options = {
                 **base,
+                **tested,
                 "dataset": dataset,
                 "backbone": backbone,
                 "weights": weights,
@@ -195,7 +306,27 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
                 "seed": seed,
             }
             runs.append(from_dict(ExperimentConfig, options, where="bench"))
-    return runs
+    groups: dict[str, list[ExperimentConfig]] = {}
+    for cfg in runs:
+        groups.setdefault(_shared_work(cfg), []).append(cfg)
+    return [cfg for group in groups.values() for cfg in group]
+
+
+def _shared_work(cfg: ExperimentConfig) -> str:
+    """What a run shares with others: a frozen run its features, a trained classification run
+    its source run's model; other runs share nothing."""
+    if _tested_from_source(cfg):
+        return "trained " + run_id(source_config(cfg))
+    if method_kind(cfg.method) == "frozen":
+        return "features " + bundle_key(cfg)
+    return "run " + run_id(cfg)
+
+
+def _tested_from_source(cfg: ExperimentConfig) -> bool:
+    """Whether ``cfg`` is a trained classification run, tested with its source run's model."""
+    from clinadapt.runner.common import dataset_task
+
+    return method_kind(cfg.method) == "finetune" and not dataset_task(cfg).dense_targets
 
 
 def _shots_per_method(grid: GridConfig) -> dict[str, list[str]]:
@@ -305,6 +436,7 @@ def run_grid(
         "claimed": 0,
     }
     bundles: dict[str, FeatureBundle | Exception] = {}
+    sources: dict[str, TrainedSource | Exception] = {}
     bar = tqdm(todo, desc="bench", unit="run", disable=not progress)
     for cfg, path in bar:
         bar.set_postfix_str(f"{cfg.dataset}/{cfg.backbone}/{cfg.method}/{cfg.shots}/s{cfg.seed}")
@@ -318,7 +450,7 @@ def run_grid(
                 counts["skipped"] += 1
                 continue
             try:
-                record = _run_one(cfg, path, bundles, progress)
+                record = _run_one(cfg, path, out, (bundles, sources), progress)
                 counts["done"] += 1
             except Exception as err:  # one bad run must not lose the others
                 if not isinstance(err, ClinadaptError):
@@ -338,15 +470,32 @@ def run_grid(
 def _run_one(
     cfg: ExperimentConfig,
     path: Path,
-    bundles: dict[str, FeatureBundle | Exception],
+    out: Path,
+    shared: tuple[dict[str, FeatureBundle | Exception], dict[str, TrainedSource | Exception]],
     progress: bool,
 ) -> dict[str, Any]:
-    """One run of the grid; frozen-feature runs share the features held in ``bundles``; every
-    run keeps its files (checkpoints, overlays, reliability diagram) in the folder named like the
-    record."""
+    """One run of the grid; frozen-feature runs share the features held in ``bundles``, trained
+    classification runs the model of their source run held in ``sources``; every run keeps its
+    files (checkpoints, overlays, reliability diagram) in the folder named like the record."""
+    bundles, sources = shared
+    run_dir = path.with_suffix("")
+    if _tested_from_source(cfg):
+        source_cfg = source_config(cfg)
+        key = run_id(source_cfg)
+        if key not in sources:
+            sources.clear()  # keep one trained model in memory at a time
+            try:
+                sources[key] = _trained_source(
+                    source_cfg, record_path(out, source_cfg), path, progress
+                )
+            except Exception as err:  # every run tested with this model fails the same way
+                sources[key] = err
+        source = sources[key]
+        if isinstance(source, Exception):
+            raise source
+        return evaluate_trained(cfg, source, run_dir, progress=progress)
     kind = method_kind(cfg.method)
     if kind in ("finetune", "prompted"):
-        run_dir = path.with_suffix("")
         cfg.resume = trains(cfg.method) and (run_dir / "checkpoint").exists()
         return run_experiment(cfg, run_dir=run_dir, progress=progress)
     key = bundle_key(cfg)
@@ -359,4 +508,28 @@ def _run_one(
     bundle = bundles[key]
     if isinstance(bundle, Exception):
         raise bundle
-    return run_on_features(cfg, bundle, run_dir=path.with_suffix(""), progress=progress)
+    return run_on_features(cfg, bundle, run_dir=run_dir, progress=progress)
+
+
+def _trained_source(
+    cfg: ExperimentConfig, path: Path, running: Path, progress: bool
+) -> TrainedSource:
+    """The model of source run ``cfg`` (record ``path``): trained, or restored from its
+    checkpoint, in its own folder; its record is written when missing. ``running`` is the
+    record of the run that needs it (claimed by this bench already)."""
+    run_dir = path.with_suffix("")
+    claim = RunClaim(path) if path != running else None
+    if claim is not None and not claim.acquire():
+        raise ClinadaptError(
+            f"the run that trains this run's model ({path}) is being computed by another "
+            "bench; this run is retried by the next call"
+        )
+    try:
+        cfg.resume = (run_dir / "checkpoint").exists()
+        source = train_source(cfg, run_dir, progress=progress)
+        if claim is not None and not is_done(path):
+            write_json_atomic(path, evaluate_trained(cfg, source, run_dir, progress=progress))
+    finally:
+        if claim is not None:
+            claim.release()
+    return source

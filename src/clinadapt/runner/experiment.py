@@ -133,6 +133,12 @@ class ExperimentConfig:
     )
     trust_pickle: bool = _opt(False, "place", "allow loading pickle (.pt/.pth/.bin) checkpoints")
     cache_dir: str | None = _opt(None, "place", "feature cache (default: $CLINADAPT_CACHE)")
+    reliability_diagram: bool = _opt(
+        True,
+        "place",
+        "draw the reliability diagram of the test predictions in the run folder; off keeps the "
+        "calibration block without the picture (grids of many test settings)",
+    )
     shift: str = _opt(
         "none",
         "features",
@@ -440,7 +446,7 @@ def run_on_features(
             if val is not None
             else "the dataset has no validation split"
         ),
-        run_dir=run_dir,
+        run_dir=run_dir if cfg.reliability_diagram else None,
         title=f"{info.name}: {bundle.backbone['name']} {cfg.method}{tta.describe(cfg)}, test split",
     )
     return build_record(
