@@ -178,7 +178,6 @@ def _option_values(hint: Any, value: Any) -> list[Any]:
 def _method_option_sets(grid: GridConfig, method: str) -> list[dict[str, Any]]:
     """Every combination of the options set for ``method``: shared ones, then its own."""
     from clinadapt.adapt import METHODS
-    from clinadapt.registry import did_you_mean
 
     hints = typing.get_type_hints(METHODS.get(method).config_cls)
     shared = dict(grid.base.get("method_options") or {})
@@ -194,31 +193,32 @@ def _method_option_sets(grid: GridConfig, method: str) -> list[dict[str, Any]]:
                 f"{example}"
             )
     options = {**shared, **grid.method_options.get(method, {})}
-    for name in options:
-        if name not in hints:
-            raise ConfigError(
-                f"{name!r} is not an option of method {method!r} (its options: {sorted(hints)})."
-                f"{did_you_mean(name, list(hints))}"
-            )
-    names = sorted(options)
-    values = [_option_values(hints[n], options[n]) for n in names]
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+    return _option_combinations(options, hints, f"method {method!r}")
 
 
 def _tta_option_sets(grid: GridConfig, name: str) -> list[dict[str, Any] | None]:
     """Every combination of the options set for tta method ``name`` (None: none set)."""
-    from clinadapt.registry import did_you_mean
     from clinadapt.tta import TTA_METHODS
 
     options = grid.tta_options.get(name)
     if not options:
         return [None]
     hints = typing.get_type_hints(TTA_METHODS.get(name).config_cls)
-    for option in options:
-        if option not in hints:
+    return _option_combinations(options, hints, f"tta method {name!r}")
+
+
+def _option_combinations(
+    options: dict[str, Any], hints: dict[str, Any], owner: str
+) -> list[dict[str, Any]]:
+    """Every combination of ``options`` (one value or a list each), checked against the option
+    names of their ``owner``'s config."""
+    from clinadapt.registry import did_you_mean
+
+    for name in options:
+        if name not in hints:
             raise ConfigError(
-                f"{option!r} is not an option of tta method {name!r} (its options: "
-                f"{sorted(hints)}).{did_you_mean(option, list(hints))}"
+                f"{name!r} is not an option of {owner} (its options: {sorted(hints)})."
+                f"{did_you_mean(name, list(hints))}"
             )
     names = sorted(options)
     values = [_option_values(hints[n], options[n]) for n in names]
