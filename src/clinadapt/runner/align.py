@@ -143,7 +143,6 @@ def check_align_options(cfg: AlignConfig) -> None:
     """Before any data is read: the backbone can be aligned, and registered datasets are
     single-label with class text."""
     from clinadapt.backbones import get_spec
-    from clinadapt.data.class_text import class_text_for
     from clinadapt.data.registry import DATASETS
 
     spec = get_spec(cfg.backbone)
@@ -160,7 +159,22 @@ def check_align_options(cfg: AlignConfig) -> None:
     for name in cfg.names:
         if name in DATASETS:
             _check_single_label(DATASETS.get(name))
-            class_text_for(DATASETS.get(name), files.get(name))
+            _class_text(DATASETS.get(name), files.get(name))
+
+
+def _class_text(info: Any, file: str | None) -> Any:
+    """The class text of a dataset, the error saying how ``align`` takes a file."""
+    from clinadapt.data.class_text import class_text_for
+
+    try:
+        return class_text_for(info, file)
+    except ConfigError as err:
+        if file is not None:
+            raise
+        raise ConfigError(
+            f"{err}\nFor align, pass it as --class-text {info.name}=FILE (class_text="
+            f"{info.name}=FILE), comma-separated for several datasets"
+        ) from None
 
 
 def _check_single_label(info: Any) -> None:
@@ -176,7 +190,6 @@ def run_align(cfg: AlignConfig, out: Path, *, progress: bool = True) -> dict[str
     """Align ``cfg.backbone`` to ``cfg.text_encoder``; write the weights folder ``out`` (its
     files and ``alignment.json``) and return the record."""
     from clinadapt.backbones import get_spec
-    from clinadapt.data.class_text import class_text_for
     from clinadapt.runner.common import backbone_summary, dataset_summary
     from clinadapt.runner.experiment import prepare_features
     from clinadapt.runner.records import build_record, write_json_atomic
@@ -201,7 +214,7 @@ def run_align(cfg: AlignConfig, out: Path, *, progress: bool = True) -> dict[str
         if "train" not in bundle.features or len(bundle.labels["train"]) == 0:
             raise DataError(f"dataset {name!r} has no training images to align on")
         bundles[name] = bundle
-    texts = {name: class_text_for(b.info, files.get(name)) for name, b in bundles.items()}
+    texts = {name: _class_text(b.info, files.get(name)) for name, b in bundles.items()}
     pooled = pool_classes(texts, cfg.text)
     bank = prompt_bank(encoder.encode, pooled)
     x = torch.cat([torch.from_numpy(b.features["train"]).float() for b in bundles.values()])

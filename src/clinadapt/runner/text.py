@@ -90,3 +90,11 @@ def text_summary(block: dict[str, Any] | None) -> str:
     source = source if source.startswith("built-in") else Path(source).name
     n = len(block.get("templates", []))
     return f"{block.get('use')} x {n} template{'' if n == 1 else 's'}; {encoder}; {source}"
+
+
+def domain_rows(method: Any, bundle: Any) -> dict[str, Any]:
+    """The domain of each example per split, for a method that uses domains (``dapl``); empty
+    for other methods or when the data names no domain (the method then says what it needs)."""
+    if not getattr(type(method), "uses_domains", False):
+        return {}
+    return dict(bundle.domains)

@@ -182,12 +182,12 @@ def train_projector(
             loss = contrastive_loss(projector(x), text, y, projector.scale)
             if not torch.isfinite(loss):
                 raise ClinadaptError(
-                    f"align diverged at epoch {epoch + 1} (loss {float(loss)}); lower lr"
+                    f"align diverged at epoch {epoch + 1} (loss {float(loss.detach())}); lower lr"
                 )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total, count = total + float(loss) * len(y), count + len(y)
+            total, count = total + float(loss.detach()) * len(y), count + len(y)
         row = {"epoch": epoch + 1, "loss": total / max(count, 1)}
         row["logit_scale"] = float(projector.scale.detach())
         if monitor is not None:

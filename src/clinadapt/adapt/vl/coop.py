@@ -14,7 +14,7 @@ classifier of the first template. Needs a text encoder with token-level access.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ class CoOp(TextMethod):
     last training loss; ``fitted_parameters`` counts the context values."""
 
     config_cls = CoOpConfig
+    needs_tokens: ClassVar[bool] = True
+    """The text encoder must give token-level access (``TextEncoder.tokenize`` and kin)."""
     description = (
         "CoOp: learned context vectors before each class phrase, trained through the frozen "
         "text encoder"
