@@ -292,9 +292,11 @@ def run_align(cfg: AlignConfig, out: Path, *, progress: bool = True) -> dict[str
         },
         history=history,
         output={"weights": str(out), "model_sha256": weights_sha},
+        feature_cache_hits={n: b.cache_hits for n, b in bundles.items()},
         timings={
             "setup_s": setup_s,
             "setup_key": str(out),
+            "features_s": {n: b.timings for n, b in bundles.items()},
             "train_s": train_s,
             "time_per_epoch_s": train_s / cfg.epochs,
             "run_s": train_s,
