@@ -306,6 +306,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from clinadapt.runner.align import ALIGN_RECORD, AlignConfig, run_align
+    from clinadapt.runner.records import check_writable
+
+    cfg = _config_from_args(args, AlignConfig)
+    out = check_writable(Path(args.out), "weights folder", folder=True)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"{out} is not empty; add --force to replace its files or choose another")
+    record = run_align(cfg, out, progress=not args.quiet)
+    last = record["history"][-1]
+    watched = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_zero_shot_acc/")}
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in watched.items())
+    print(
+        f"aligned {cfg.backbone} to {cfg.text_encoder} on {','.join(cfg.names)}: "
+        f"{record['method']['trainable_parameters']} trained values, {len(record['history'])} "
+        f"epochs, final loss {last['loss']:.4f}"
+        + (f"; validation zero-shot accuracy {shown}" if shown else "")
+    )
+    print(f"record: {out / ALIGN_RECORD}; use --backbone {cfg.backbone} --weights {out}")
+    return 0
+
+
 def _grid_from_args(args: argparse.Namespace):
     import yaml
 
@@ -494,6 +516,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from clinadapt import __version__
+    from clinadapt.runner.align import AlignConfig
     from clinadapt.runner.bench import GridConfig
     from clinadapt.runner.experiment import ExperimentConfig
     from clinadapt.runner.identity import GRID_AXES
@@ -565,6 +588,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="overrides; method.NAME=VALUE sets a method option, views.NAME=VALUE a view option",
     )
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "align",
+        help="give an image backbone a text side: a projection to a locked text encoder trained "
+        "on class text (LiT); writes a weights folder for zeroshot, coop, tip_adapter",
+    )
+    p.add_argument("--config", help="YAML file of AlignConfig options")
+    _add_dataclass_options(p, AlignConfig)
+    p.add_argument("--out", required=True, help="the weights folder to write")
+    p.add_argument("--force", action="store_true", help="replace the files of a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides")
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("bench", help="run a grid of experiments (resumable) and build a report")
     p.add_argument("--config", help="YAML file of GridConfig options")

@@ -16,7 +16,12 @@ from clinadapt.data.info import CLASSIFICATION_TASKS, DatasetInfo, TaskType
 from clinadapt.errors import DataError
 from clinadapt.eval import evaluate
 
-TEXT = sorted(n for n in METHODS.names() if getattr(METHODS.get(n), "needs_text", False))
+TEXT = sorted(
+    n
+    for n in METHODS.names()
+    if getattr(METHODS.get(n), "needs_text", False)
+    and not getattr(METHODS.get(n), "needs_tokens", False)  # test_prompt_learning.py
+)
 DIM = 16
 SCALE = 10.0
 NO_SEARCH = {"search_step": [0, 0]}

@@ -6,8 +6,8 @@ adapter, vpt) decide which parameters of an ``AdaptedModel`` (backbone + new hea
 ``prompted`` methods (``PromptedMethod``) segment from oracle prompts: without training (sam_box,
 sam_point, sam_box_point, box_mask) or after training the SAM on prompts from a few labelled
 images (sam_decoder, sam_lora, sam_full). Vision-language methods (``vl``: zeroshot,
-tip_adapter, tip_adapter_f, linear_zs) are frozen methods that also take class text
-(``TextMethod.use_text``).
+tip_adapter, tip_adapter_f, linear_zs, coop, cocoop, dapl) are frozen methods that also take
+class text (``TextMethod.use_text``).
 """
 
 from __future__ import annotations

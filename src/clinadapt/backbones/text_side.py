@@ -7,13 +7,25 @@ methods use: ``encode_text`` (normalised, joint space), ``project_image`` (cache
 features to normalised joint space) and ``logit_scale``. A CLIP model's image features already
 live in its joint space, so its projection is the identity; a backbone aligned to a separate text
 encoder (LiT-style) carries a learned projection instead.
+
+Prompt learning (CoOp and its kin) needs one step more than ``encode``: texts as token ids, the
+encoder's input embedding of each token, and the encoder run on input embeddings some of which
+are learned. Encoders that allow it implement three methods: ``tokenize(texts) -> Tokens``,
+``input_embeddings(tokens) -> (n, L, width)`` and ``encode_embeddings(tokens, embeddings) ->
+(n, dim)`` (raw, differentiable in ``embeddings``); ``encode_embeddings(t, input_embeddings(t))``
+is ``encode``'s result before normalisation. The open_clip towers do it by replacing the output
+of their token-embedding layer during an ordinary ``encode_text`` (every tower kind then pools,
+masks and projects as it always does); sentence-transformers models pass ``inputs_embeds`` to
+their Hugging Face model.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +73,41 @@ class TextEncoder(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "weights_id": self.weights_id, "dim": self.dim}
 
+    # Token-level access, for prompt learning. Encoders without it keep these defaults.
+    token_width: int = 0
+    """Width of the encoder's input token embeddings (0: no token-level access)."""
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """The texts as the encoder's token ids (position 0 is its start token)."""
+        raise self._no_tokens()
+
+    def input_embeddings(self, tokens: Tokens) -> torch.Tensor:
+        """(n, L, token_width) input embeddings of the tokens, without gradients."""
+        raise self._no_tokens()
+
+    def encode_embeddings(self, tokens: Tokens, embeddings: torch.Tensor) -> torch.Tensor:
+        """(n, dim) raw text embeddings with ``embeddings`` in place of the tokens' own input
+        embeddings; gradients flow to ``embeddings``."""
+        raise self._no_tokens()
+
+    def _no_tokens(self) -> ConfigError:
+        return ConfigError(
+            f"text encoder {self.name!r} gives no token-level access, which prompt learning "
+            "(coop, cocoop, dapl) needs; use an open_clip text tower or a sentence-transformers "
+            "encoder (minilm)"
+        )
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids (n, L) and what else the encoder's model takes with them (attention masks)."""
+
+    ids: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
 
 def check_texts(texts: Sequence[str]) -> list[str]:
     """A non-empty list of non-empty strings."""
@@ -83,11 +130,54 @@ class OpenClipText(TextEncoder):
         self.tokenizer = tokenizer
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        tower = getattr(self.clip, "text", None)
-        if tower is None:  # CLIP keeps its text layers on the model itself
-            tower = self.clip.token_embedding
-        device = next(tower.parameters()).device
-        return self.clip.encode_text(self.tokenizer(texts).to(device))
+        return self.clip.encode_text(self.tokenize(texts).ids)
+
+    @property
+    def token_width(self) -> int:  # type: ignore[override]
+        return int(self._token_layer().embedding_dim)
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        device = self._token_layer().weight.device
+        return Tokens(self.tokenizer(check_texts(texts)).to(device))
+
+    def input_embeddings(self, tokens: Tokens) -> torch.Tensor:
+        with torch.no_grad():
+            return self._token_layer()(tokens.ids).float()
+
+    def encode_embeddings(self, tokens: Tokens, embeddings: torch.Tensor) -> torch.Tensor:
+        layer = self._token_layer()
+        with _replaced_output(layer, embeddings.to(layer.weight.dtype)):
+            return self.clip.encode_text(tokens.ids).float()
+
+    def _token_layer(self) -> nn.Embedding:
+        """The tower's token-embedding table: on the model (CLIP), on its text tower
+        (``CustomTextCLIP``), or inside the Hugging Face model of an ``HFTextEncoder``."""
+        tower = getattr(self.clip, "text", self.clip)
+        layer = getattr(tower, "token_embedding", None)
+        if layer is None and hasattr(tower, "transformer"):
+            layer = tower.transformer.get_input_embeddings()
+        if not isinstance(layer, nn.Embedding):
+            raise self._no_tokens()
+        return layer
+
+
+@contextmanager
+def _replaced_output(layer: nn.Module, output: torch.Tensor) -> Iterator[None]:
+    """While open, ``layer`` returns ``output`` (whose shape must be what it would return)."""
+
+    def hook(module: nn.Module, args: Any, result: torch.Tensor) -> torch.Tensor:
+        if result.shape != output.shape:
+            raise DataError(
+                f"embeddings of shape {tuple(output.shape)} do not fit tokens embedded as "
+                f"{tuple(result.shape)}"
+            )
+        return output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def text_projection_dim(clip: nn.Module) -> int:

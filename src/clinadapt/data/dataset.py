@@ -38,6 +38,9 @@ class Split:
     images: ImageSource
     labels: Any
     meta: list[dict[str, Any]] | None = None
+    domains: np.ndarray | None = None
+    """Classification: the source (hospital, scanner, modality) of each example, as strings,
+    when the data names one (a manifest's ``domain`` column); None otherwise."""
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -70,9 +70,11 @@ def load_image_folder(
 def load_manifest(
     csv_path: Path, *, image_size: int = 224, volume_size: int = 64, seed: int = 0
 ) -> Dataset:
-    """A CSV with columns ``path,label[,split][,patient_id]``; paths relative to the CSV.
+    """A CSV with columns ``path,label[,split][,patient_id][,domain]``; paths relative to the
+    CSV.
 
-    ``label`` is a class name or integer; ``a|b`` makes the dataset multi-label.
+    ``label`` is a class name or integer; ``a|b`` makes the dataset multi-label. ``domain`` names
+    the source of each image (hospital, scanner, modality) for methods that use it (``dapl``).
     """
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as f:
@@ -87,11 +89,12 @@ def load_manifest(
     columns = set(rows[0]) if rows else set()
     if not {"path", "label"} <= columns:
         raise DataError(
-            f"{csv_path} needs a header with columns path,label (optional: split, patient_id); "
+            f"{csv_path} needs a header with columns path,label (optional: split, patient_id, "
+            "domain); "
             f"found {sorted(columns) or 'no rows'}"
         )
     multi = any("|" in r["label"] for r in rows)
-    paths, tokens, splits, groups = [], [], [], []
+    paths, tokens, splits, groups, domains = [], [], [], [], []
     for line, row in numbered:
         where = f"{csv_path}, line {line}"
         path = csv_path.parent / row["path"]
@@ -102,7 +105,7 @@ def load_manifest(
         names = [t.strip() for t in row["label"].split("|") if t.strip()]
         if not names and not multi:
             raise DataError(f"{where}: the label is empty")
-        for column, out in (("split", splits), ("patient_id", groups)):
+        for column, out in (("split", splits), ("patient_id", groups), ("domain", domains)):
             if column in columns:
                 value = row[column].lower() if column == "split" else row[column]
                 if not value:
@@ -123,6 +126,7 @@ def load_manifest(
         splits or None,
         np.asarray(groups) if groups else None,
         str(csv_path),
+        domains=np.asarray(domains) if domains else None,
         multi=multi,
         image_size=image_size,
         volume_size=volume_size,
@@ -235,6 +239,7 @@ def _build(
     groups: np.ndarray | None,
     where: str,
     *,
+    domains: np.ndarray | None = None,
     multi: bool,
     image_size: int,
     volume_size: int,
@@ -255,12 +260,16 @@ def _build(
         description=f"local data from {source}",
     )
     splits = {
-        s: Split(LazySource([paths[i] for i in idx[s]], loader, item_shape, dtype), labels[idx[s]])
+        s: Split(
+            LazySource([paths[i] for i in idx[s]], loader, item_shape, dtype),
+            labels[idx[s]],
+            domains=None if domains is None else domains[idx[s]],
+        )
         for s in SPLITS
     }
     provenance = {
         "source": str(source),
-        "md5": _fingerprint(source, paths, labels, idx),
+        "md5": _fingerprint(source, paths, labels, idx, domains),
         "md5_of": "split, path, bytes, mtime and label of every file",
         "expected_md5": None,
         "verified": None,
@@ -304,15 +313,21 @@ def _check_unique(
 
 
 def _fingerprint(
-    source: Path, paths: list[Path], labels: np.ndarray, idx: dict[str, np.ndarray]
+    source: Path,
+    paths: list[Path],
+    labels: np.ndarray,
+    idx: dict[str, np.ndarray],
+    domains: np.ndarray | None = None,
 ) -> str:
-    """Changes whenever a file, a label or the split assignment changes (keys feature caches)."""
+    """Changes whenever a file, a label, a domain or the split assignment changes (keys feature
+    caches)."""
     base = source if source.is_dir() else source.parent
     digest = hashlib.md5(usedforsecurity=False)
     for split, rows in idx.items():
         for i in rows:
             st = paths[i].stat()
             rel = paths[i].relative_to(base) if paths[i].is_relative_to(base) else paths[i]
-            line = f"{split}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{labels[i].tolist()}\n"
+            line = f"{split}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{labels[i].tolist()}"
+            line += "\n" if domains is None else f"\t{domains[i]}\n"
             digest.update(line.encode())
     return digest.hexdigest()

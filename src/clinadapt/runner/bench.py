@@ -275,9 +275,12 @@ def expand(grid: GridConfig) -> list[ExperimentConfig]:
         )
     texts = [m for m in grid.methods if needs_text(m)]
     if grid.base.get("class_text") and not texts:
+        from clinadapt.adapt import METHODS
+
+        every = ", ".join(n for n in METHODS.names() if needs_text(n))
         raise ConfigError(
-            "class_text applies to vision-language methods (zeroshot, tip_adapter, "
-            f"tip_adapter_f, linear_zs), and the grid runs none of them (methods: {grid.methods})"
+            f"class_text applies to vision-language methods ({every}), and the grid runs none of "
+            f"them (methods: {grid.methods})"
         )
     option_sets = {method: _method_option_sets(grid, method) for method in grid.methods}
     shots_of = _shots_per_method(grid)

@@ -272,6 +272,8 @@ class FeatureBundle:
     cache_hits: dict[str, bool]
     key: str
     source: FeatureSource | None = None
+    domains: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per split, the domain of each example where the data names one."""
 
 
 def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> FeatureBundle:
@@ -368,6 +370,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         timings=timings,
         cache_hits=hits,
         key=bundle_key(cfg),
+        domains={n: s.domains for n, s in dataset.splits.items() if s.domains is not None},
         source=FeatureSource(
             backbone=backbone,
             preprocess=preprocess,
@@ -395,7 +398,7 @@ def run_on_features(
     from clinadapt.runner.calibrate import calibration_block
     from clinadapt.runner.identity import run_block
     from clinadapt.runner.records import build_record
-    from clinadapt.runner.text import attach_text
+    from clinadapt.runner.text import attach_text, domain_rows
     from clinadapt.tasks import task_for
 
     run_start = time.perf_counter()
@@ -406,16 +409,21 @@ def run_on_features(
     support, actual_shots = sample_support(cfg, info, train_y)
     method = create_method(cfg.method, cfg.method_options)
     text_block = attach_text(cfg, method, bundle)
+    domains = domain_rows(method, bundle)
     val = None
     if "val" in bundle.features and cfg.val_shots_value() != 0:
         picked = sample_validation(cfg, info, bundle.labels["val"])
         val = (bundle.features["val"][picked], bundle.labels["val"][picked])
+    if "train" in domains:
+        method.use_domains(domains["train"][support])
     start = time.perf_counter()
     method.fit(
         train_x[support], train_y[support], info.task, info.num_classes, val=val, seed=cfg.seed
     )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
+    if domains:
+        method.query_domains(domains.get("test"))
     test_scores, tta_block, patched = tta.frozen_predictions(
         cfg, method, bundle.features["test"], bundle.source, progress=progress
     )
@@ -427,6 +435,8 @@ def run_on_features(
         test_scores, sharpened = tta.adaptive_output(test_scores, info.task)
     test_y = bundle.labels["test"]
     metrics: dict[str, Any] = {"test": task.evaluate(test_y, test_scores, info.task)}
+    if domains and val is not None:
+        method.query_domains(domains["val"][picked] if "val" in domains else None)
     val_scores = None if val is None else method.predict_proba(val[0])
     if val is not None:
         metrics["val"] = task.evaluate(val[1], val_scores, info.task)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 2  # 2: run identity, labels used, setup and run time apart
-KINDS = ("frozen", "finetune", "prompted", "pretrain")
+KINDS = ("frozen", "finetune", "prompted", "pretrain", "align")
+DESCRIBE_BACKBONES = ("pretrain", "align")
+"""Record kinds of commands that make weights, not adapted models: reports leave them out."""
 PACKAGES = ("clinadapt", "torch", "torchvision", "timm", "numpy", "scikit-learn", "safetensors")
 
 
@@ -186,7 +188,8 @@ def check_writable(path: str | Path, kind: str, *, folder: bool = False) -> Path
 
 def read_records(directory: str | Path) -> list[dict[str, Any]]:
     """All complete run records under ``directory`` (skipping unreadable or foreign JSON files,
-    and pretraining records, which describe a backbone rather than an adapted model)."""
+    and pretraining and alignment records, which describe a backbone rather than an adapted
+    model)."""
     records, older = [], 0
     for path in sorted(Path(directory).rglob("*.json")):
         try:
@@ -197,7 +200,7 @@ def read_records(directory: str | Path) -> list[dict[str, Any]]:
             continue
         if data["record_version"] != RECORD_VERSION:
             older += 1
-        elif data.get("kind") != "pretrain":
+        elif data.get("kind") not in DESCRIBE_BACKBONES:
             data["_path"] = str(path)
             records.append(data)
     if older:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import torch
 
 from clinadapt._optional import require
 from clinadapt.backbones import hub
-from clinadapt.backbones.text_side import TextEncoder
+from clinadapt.backbones.text_side import TextEncoder, Tokens, check_texts
 from clinadapt.errors import ClinadaptError
 from clinadapt.registry import Registry
 
@@ -33,12 +33,40 @@ class SentenceEncoder(TextEncoder):
             or model.get_sentence_embedding_dimension
         )
         super().__init__(name, int(dim()), weights_id)
-        self.model = model
+        self.model = model.eval().requires_grad_(False)  # locked: gradients reach only inputs
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode(
             texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False
         )
+
+    @property
+    def token_width(self) -> int:  # type: ignore[override]
+        return int(self._token_layer().embedding_dim)
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """As ``encode`` tokenizes (the model's maximum length, padding to the longest)."""
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize
+        features = prepare(check_texts(texts))
+        extra = {
+            k: v for k, v in features.items() if k != "input_ids" and isinstance(v, torch.Tensor)
+        }
+        return Tokens(features["input_ids"], extra)
+
+    def input_embeddings(self, tokens: Tokens) -> torch.Tensor:
+        with torch.no_grad():
+            return self._token_layer()(tokens.ids).float()
+
+    def encode_embeddings(self, tokens: Tokens, embeddings: torch.Tensor) -> torch.Tensor:
+        """The whole sentence-transformers pipeline (pooling, dense, normalisation modules) on
+        the Hugging Face model's ``inputs_embeds``."""
+        features = {**tokens.extra, "inputs_embeds": embeddings}
+        return self.model(features)["sentence_embedding"].float()
+
+    def _token_layer(self) -> torch.nn.Embedding:
+        first = self.model[0]
+        hf_model = getattr(first, "auto_model", None) or first.model
+        return hf_model.get_input_embeddings()
 
 
 def create_text_encoder(name: str) -> TextEncoder:
