@@ -369,9 +369,9 @@ def _lora_batches(
 ) -> tuple[Any, list[torch.nn.Parameter], list[str]]:
     """Batches of training images through the backbone with LoRA layers, in fp32; the
     backbone's norm layers stay in eval mode (their statistics describe its pretraining)."""
-    from clinadapt.runner.pretrain import _with_lora
+    from clinadapt.runner.pretrain import with_lora
 
-    model, targets = _with_lora(backbone.model, cfg, backbone.name)
+    model, targets = with_lora(backbone.model, cfg.lora_rank, cfg.lora_alpha, backbone.name)
     backbone.model = model.eval()
     extra = [p for p in model.parameters() if p.requires_grad]
     parts = [
@@ -410,7 +410,7 @@ def _write_backbone(
         resolve_local_weights,
     )
     from clinadapt.engine.checkpoint import save_safetensors
-    from clinadapt.runner.pretrain import _plain_encoder
+    from clinadapt.runner.pretrain import plain_encoder
     from clinadapt.runner.records import write_json_atomic
 
     local = None
@@ -424,7 +424,7 @@ def _write_backbone(
     else:
         kwargs = {**spec.kwargs, **(local.create_kwargs if local else {})}
         kwargs.pop("num_classes", None)
-        plain = _plain_encoder(backbone.model)
+        plain = plain_encoder(backbone.model)
         state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
         tmp = out / f".{WEIGHTS_FILE}.tmp"
         save_safetensors(state, tmp)

@@ -46,7 +46,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
     with torch.random.fork_rng():  # LoRA factors, heads and decoders start the same for a seed
         torch.manual_seed(cfg.seed)
         if cfg.lora_rank:
-            encoder, lora_targets = _with_lora(encoder, cfg, backbone.name)
+            encoder, lora_targets = with_lora(encoder, cfg.lora_rank, cfg.lora_alpha, backbone.name)
             backbone.model = encoder
         model = create_pretrain_model(cfg.method, encoder, backbone.feature_dim, cfg.method_options)
     # colour jitter only when every pooled image is colour: it would tint grayscale scans
@@ -82,7 +82,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: Path, *, progress: bool = True) -
         progress=progress,
     )
     weights_dir = run_dir / BACKBONE_DIR
-    plain = _plain_encoder(encoder)
+    plain = plain_encoder(encoder)
     _export(plain, cfg, backbone, spec, weights_dir)
     total = sum(p.numel() for p in plain.parameters())
     return build_record(
@@ -218,7 +218,9 @@ def _allow_other_sizes(encoder: nn.Module) -> None:
         embed.strict_img_size, embed.flatten, embed.output_fmt = False, False, Format.NHWC
 
 
-def _with_lora(encoder: nn.Module, cfg: PretrainConfig, name: str) -> tuple[nn.Module, list[str]]:
+def with_lora(
+    encoder: nn.Module, rank: int, alpha: float, name: str
+) -> tuple[nn.Module, list[str]]:
     """Freeze ``encoder`` and add LoRA layers (PEFT), so pretraining changes only a low-rank
     part of a general model."""
     from clinadapt.adapt.lora.model import default_targets, import_peft
@@ -228,13 +230,11 @@ def _with_lora(encoder: nn.Module, cfg: PretrainConfig, name: str) -> tuple[nn.M
     if not targets:
         raise ConfigError(f"lora_rank: backbone {name!r} has no layers LoRA can adapt")
     encoder.requires_grad_(False)
-    config = peft.LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, bias="none"
-    )
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, bias="none")
     return peft.LoraModel(encoder, config, "default"), targets
 
 
-def _plain_encoder(encoder: nn.Module) -> nn.Module:
+def plain_encoder(encoder: nn.Module) -> nn.Module:
     """The encoder as its library builds it: LoRA merged into the weights."""
     if hasattr(encoder, "peft_config"):
         return copy.deepcopy(encoder).merge_and_unload()
