@@ -403,7 +403,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     out = _out_folder(args.out, "output folder")
     datasets = args.datasets.split(",") if args.datasets else None
-    for preset in medmnist_v2(args.data_root, datasets, args.epochs):
+    for preset in medmnist_v2(args.data_root, datasets, args.epochs, args.seeds):
         for notice in preset.notices:
             print(f"NOTICE: {notice}", file=sys.stderr)
         run_grid(preset.grid, out, progress=not args.quiet)
@@ -749,6 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None, help="subset of the preset's datasets")
     p.add_argument("--data-root", default=None, help="folder of MedMNIST .npz ($CLINADAPT_DATA)")
     p.add_argument("--epochs", type=int, default=None, help="override the paper's 100 epochs")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="seeds per run; the report gives their spread"
+    )
     p.add_argument("--out", default="runs/medmnist-v2", help="output folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)

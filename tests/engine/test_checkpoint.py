@@ -50,7 +50,7 @@ def fit(model, out_dir, *, epochs=4, resume=False, on_epoch_end=None, **options)
 
 
 def without_seconds(history):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
 
 
 def stop_after(epoch_to_stop):

@@ -63,6 +63,11 @@ def test_second_run_reads_features_from_cache(tmp_path):
     second = run_experiment(cfg, progress=False)
     assert not any(first["feature_cache_hits"].values())
     assert all(second["feature_cache_hits"].values())
+    # extraction speed is reported where features were computed, not where they were read
+    speed = first["timings"]["extraction_throughput"]
+    assert speed["examples_per_s"] > 0 and speed["flops_per_example"] > 0
+    assert speed["tflop_per_s"] == speed["examples_per_s"] * speed["flops_per_example"] / 1e12
+    assert second["timings"]["extraction_throughput"] is None
     assert first["metrics"]["test"]["auc"] == second["metrics"]["test"]["auc"]
 
 

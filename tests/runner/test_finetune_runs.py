@@ -51,6 +51,8 @@ def test_training_record_states_costs(lora_run):
     assert 0 < method["trainable_percent_of_backbone"] < 100
     assert method["adapter_bytes"] > 0
     assert rec["timings"]["time_per_epoch_s"] > 0 and rec["timings"]["train_s"] > 0
+    speed = rec["timings"]["train_throughput"]
+    assert speed["examples_per_s"] > 0 and speed["flops_per_example"] > 0
     assert rec["peak_memory_mb"] > 0
     assert len(rec["history"]) == 2
     assert 0 <= rec["metrics"]["test"]["auc"] <= 1

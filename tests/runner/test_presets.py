@@ -55,7 +55,9 @@ def test_medmnist_v2_preset_follows_the_paper_recipe():
     assert (train["schedule"], train["milestones"], train["gamma"]) == ("step", [50, 75], 0.1)
     assert presets[0].grid.weights == ["none"] and presets[0].grid.methods == ["full"]
     assert not presets[0].notices
-    short = medmnist_v2(datasets=["breastmnist"], epochs=3)
+    assert presets[0].grid.seeds == 1
+    short = medmnist_v2(datasets=["breastmnist"], epochs=3, seeds=3)
     assert short[0].grid.base["train"]["epochs"] == 3 and "not a faithful" in short[0].notices[0]
+    assert short[0].grid.seeds == 3
     with pytest.raises(ClinadaptError, match="no published baseline"):
         medmnist_v2(datasets=["pathmnist"])

@@ -22,15 +22,26 @@ def test_published_comparison_shows_the_gap():
             "acc": 0.6,
         },
         {"dataset": "other", "backbone": "x", "shots": "all", "auc": 0.5, "acc": 0.5},
+        {
+            "dataset": "pneumoniamnist",
+            "backbone": "resnet18_28",
+            "shots": "all",
+            "seeds": 3,
+            "auc": 0.95,
+            "auc_sd": 0.0123,
+            "acc": 0.86,
+            "acc_sd": 0.02,
+        },
     ]
-    table = published_comparison(
-        rows, {("breastmnist", "resnet18_28"): {"auc": 0.901, "acc": 0.863}}
-    )
-    lines = table.splitlines()
-    assert (
-        len(lines) == 3
-    )  # header, rule, one matching row (few-shot and unpublished rows left out)
-    assert "| 0.880 | 0.901 | -0.021 | 0.850 | 0.863 |" in lines[2]
+    published = {
+        ("breastmnist", "resnet18_28"): {"auc": 0.901, "acc": 0.863},
+        ("pneumoniamnist", "resnet18_28"): {"auc": 0.944, "acc": 0.854},
+    }
+    lines = published_comparison(rows, published).splitlines()
+    # header, rule, the matching rows (few-shot and unpublished rows left out)
+    assert len(lines) == 4
+    assert "| 1 | 0.880 | 0.901 | -0.021 | 0.850 | 0.863 |" in lines[2]
+    assert "| 3 | 0.950 ± 0.012 | 0.944 | +0.006 | 0.860 ± 0.020 | 0.854 |" in lines[3]
 
 
 def _record(auc, undefined=None, seed=0):

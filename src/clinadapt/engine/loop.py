@@ -7,9 +7,11 @@ run continues exactly as an uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ from clinadapt.engine.checkpoint import (
     trainable_state,
 )
 from clinadapt.engine.curves import plot_curves, write_history
+from clinadapt.engine.flops import counting_flops, throughput
 from clinadapt.engine.precision import memory_format_for
 from clinadapt.engine.schedule import build_optimizer, lr_factor, parameter_groups
 from clinadapt.engine.train_config import EpochCallback, TrainConfig, TrainResult
@@ -45,6 +48,10 @@ from clinadapt.tasks import Task
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+SYNC_EVERY = 20
+"""Training steps between looks at the loss on the host: each look waits for the device to
+finish, so looking every step would stall a GPU's queue of kernels."""
 
 
 def keep_frozen_norms_in_eval(model: nn.Module) -> None:
@@ -147,9 +154,10 @@ class Loop:
             label_smoothing=config.label_smoothing,
         ).to(accelerator.device)
         self.layout = memory_format_for(model)
-        self.net = accelerator.prepare(
-            (SliceMean(model) if volume else model).to(memory_format=self.layout)
-        )
+        net = (SliceMean(model) if volume else model).to(memory_format=self.layout)
+        self.net = accelerator.prepare(torch.compile(net) if config.compile else net)
+        self.flops_per_example: float | None = None
+        """Training FLOPs (forward and backward) per example, counted on the first step."""
         optimizer = build_optimizer(
             parameter_groups(model, config.weight_decay),
             config.optimizer,
@@ -198,6 +206,11 @@ class Loop:
             best_val=self.best_val,
             history=self.history,
             time_per_epoch_s=float(np.mean([r["seconds"] for r in self.history])),
+            throughput=throughput(
+                sum(r.get("examples", 0) for r in self.history),
+                sum(r.get("train_seconds", 0.0) for r in self.history),
+                self.flops_per_example,
+            ),
             total_s=time.perf_counter() - start,
             peak_memory_mb=device_peak_memory_mb(device),
             stopped_early=self.stopped_early,
@@ -234,6 +247,8 @@ class Loop:
                     module.eval()
         lr = self.optimizer.param_groups[0]["lr"]  # the epoch's first step's learning rate
         total = torch.zeros(2, dtype=torch.float64)
+        pending: list[torch.Tensor] = []  # per-step (loss x size, size), still on the device
+        began = time.perf_counter()
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {epoch}/{config.epochs}",
@@ -242,7 +257,7 @@ class Loop:
             disable=not self.progress,
         )
         for step, (x, y, _) in enumerate(bar, 1):
-            with acc.accumulate(self.net):
+            with acc.accumulate(self.net), self._counting(len(y)):
                 if self.task.dense_targets:
                     x, y = self.augment(x, y)
                 else:
@@ -253,18 +268,7 @@ class Loop:
                 else:
                     loss = self.criterion(self.net(x).float(), y)
                 size = torch.tensor(float(len(y)), device=loss.device)
-                stats = acc.gather(torch.stack([loss.detach() * size, size])[None]).double()
-                if not torch.isfinite(stats[:, 0]).all():
-                    raise divergence_error(
-                        "training",
-                        epoch,
-                        step,
-                        stats[:, 0],
-                        lr,
-                        self.resolved["precision"],
-                        self.epoch,
-                        self.checkpoints.root,
-                    )
+                pending.append(acc.gather(torch.stack([loss.detach() * size, size])[None]))
                 acc.backward(loss)
                 if acc.sync_gradients and config.clip_grad_norm > 0:
                     acc.clip_grad_norm_(self.trainable, config.clip_grad_norm)
@@ -272,10 +276,53 @@ class Loop:
                 if acc.sync_gradients and not self.optimizer.step_was_skipped:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            total += stats.sum(dim=0).cpu()
-            bar.set_postfix(loss=f"{total[0] / total[1]:.4f}")
+            if step % SYNC_EVERY == 0:
+                total += self._settle(pending, epoch, step, lr)
+                bar.set_postfix(loss=f"{total[0] / total[1]:.4f}")
+        total += self._settle(pending, epoch, step, lr)
         bar.close()
-        return {"train_loss": float(total[0] / total[1]), "lr": lr}
+        return {
+            "train_loss": float(total[0] / total[1]),
+            "lr": lr,
+            "examples": int(total[1]),
+            "train_seconds": time.perf_counter() - began,
+        }
+
+    def _settle(
+        self, pending: list[torch.Tensor], epoch: int, step: int, lr: float
+    ) -> torch.Tensor:
+        """The summed (loss x size, size) of the pending steps, which end at ``step``; a
+        ``divergence_error`` naming the first step whose loss is not finite."""
+        if not pending:
+            return torch.zeros(2, dtype=torch.float64)
+        stats = torch.stack(pending).double().cpu()  # (steps, processes, 2)
+        first = step - len(pending) + 1
+        pending.clear()
+        finite = torch.isfinite(stats[:, :, 0]).all(dim=1)
+        if not finite.all():
+            bad = int((~finite).nonzero()[0])
+            raise divergence_error(
+                "training",
+                epoch,
+                first + bad,
+                stats[bad, :, 0],
+                lr,
+                self.resolved["precision"],
+                self.epoch,
+                self.checkpoints.root,
+            )
+        return stats.sum(dim=(0, 1))
+
+    @contextlib.contextmanager
+    def _counting(self, batch: int) -> Iterator[None]:
+        """Counts the FLOPs of the first step (``flops_per_example``); a no-op after, and for
+        compiled models, whose fused kernels the counter does not see."""
+        if self.flops_per_example is not None or self.config.compile:
+            yield
+            return
+        with counting_flops() as count:
+            yield
+        self.flops_per_example = count.total / batch
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=self.layout) if x.ndim == 4 else x

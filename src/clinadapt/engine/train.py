@@ -108,7 +108,8 @@ def train(
             "trainable": _trainable_digest(model),
             "gradient_checkpointing": checkpointing,
         }
-        resolved.pop("num_workers")
+        for speed_only in ("num_workers", "compile"):
+            resolved.pop(speed_only)
         loop = Loop(
             accelerator,
             model,

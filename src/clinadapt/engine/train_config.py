@@ -30,7 +30,8 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass
 class TrainConfig:
-    """How to train; every field is part of the checkpoint's config hash except num_workers."""
+    """How to train; every field is part of the checkpoint's config hash except num_workers and
+    compile, which change how fast a run trains, not what it trains."""
 
     epochs: int = field(default=20, metadata=_help("training epochs"))
     batch_size: int = field(default=32, metadata=_help("examples per step and process"))
@@ -112,6 +113,13 @@ class TrainConfig:
         default=True, metadata=_help("deterministic algorithms (reproducible, a little slower)")
     )
     num_workers: int = field(default=0, metadata=_help("data-loading worker processes"))
+    compile: bool = field(
+        default=False,
+        metadata=_help(
+            "torch.compile the model for training (pays on GPUs; measured no faster for the "
+            "MedMNIST ResNet-18 on a 2-core CPU, benchmarks/results/epoch.json)"
+        ),
+    )
     eval_every: int = field(default=1, metadata=_help("validate every this many epochs"))
 
     def __post_init__(self) -> None:
@@ -161,6 +169,7 @@ class TrainResult:
     best_val: dict[str, Any]
     history: list[dict[str, Any]]
     time_per_epoch_s: float
+    throughput: dict[str, Any]  # engine.flops.throughput of the training steps
     total_s: float
     peak_memory_mb: float
     stopped_early: bool

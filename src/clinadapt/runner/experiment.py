@@ -273,6 +273,8 @@ class FeatureBundle:
     key: str
     source: FeatureSource | None = None
     domains: dict[str, np.ndarray] = field(default_factory=dict)
+    extraction: dict[str, Any] | None = None
+    """``engine.flops.throughput`` of the splits extracted (not read from the cache)."""
     """Per split, the domain of each example where the data names one."""
 
 
@@ -282,6 +284,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
     from clinadapt.data import load_dataset
     from clinadapt.data.transforms import slices_volumes
     from clinadapt.engine import FeatureCache, extract_features, extraction_precision
+    from clinadapt.engine.flops import throughput
     from clinadapt.runner.identity import bundle_key
     from clinadapt.runner.records import package_versions
     from clinadapt.tasks import task_for
@@ -350,6 +353,14 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         )
         timings[f"features_{split_name}_s"] = time.perf_counter() - start
         labels[split_name] = np.asarray(split.labels)
+    extracted = [name for name, hit in hits.items() if not hit]
+    extraction = None
+    if extracted:
+        extraction = throughput(
+            sum(len(dataset[name]) for name in extracted),
+            sum(timings[f"features_{name}_s"] for name in extracted),
+            None if slices else _embedding_flops(backbone, preprocess, dataset["train"].images),
+        )
     preprocessing = protocol(preprocess, dataset.size, resize_mode(cfg, task))
     if slices:
         preprocessing["volume_mode"] = cfg.volume_mode
@@ -371,6 +382,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         cache_hits=hits,
         key=bundle_key(cfg),
         domains={n: s.domains for n, s in dataset.splits.items() if s.domains is not None},
+        extraction=extraction,
         source=FeatureSource(
             backbone=backbone,
             preprocess=preprocess,
@@ -382,6 +394,18 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
             max_slices=cfg.max_slices,
         ),
     )
+
+
+def _embedding_flops(backbone: Any, preprocess: Any, images: Any) -> float:
+    """FLOPs of embedding one image (the first) as extraction does."""
+    import torch
+
+    from clinadapt.engine.flops import counting_flops
+
+    x = torch.as_tensor(preprocess(np.asarray(images[np.array([0])]))).float()
+    with torch.inference_mode(), counting_flops() as count:
+        backbone.eval().embed(x)
+    return float(count.total)
 
 
 def run_on_features(
@@ -497,6 +521,7 @@ def run_on_features(
             "fit_s": fit_s,
             "predict_s": predict_s,
             "setup_s": sum(bundle.timings.values()),
+            "extraction_throughput": bundle.extraction,
             "setup_key": bundle.key,
             "run_s": time.perf_counter() - run_start,
         },

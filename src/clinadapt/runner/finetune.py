@@ -255,7 +255,11 @@ def evaluate_trained(
             test_y, scores, info.task, n_resamples=cfg.bootstrap, seed=cfg.seed
         )
     extra: dict[str, Any] = {}
-    training_times = {"time_per_epoch_s": result.time_per_epoch_s, "train_s": result.total_s}
+    training_times = {
+        "time_per_epoch_s": result.time_per_epoch_s,
+        "train_s": result.total_s,
+        "train_throughput": result.throughput,
+    }
     if not own:  # the training and its time are the source run's record's
         extra["trained_in"] = {"run": source.run_id, "dir": str(source.run_dir)}
         training_times = {}

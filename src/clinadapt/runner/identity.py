@@ -75,6 +75,8 @@ def resolved_options(cfg: Any) -> dict[str, Any]:
         options["train"] = to_dict(prompted_train_config(cfg, task))
     else:
         options.pop("train")
+    if "train" in options:  # how fast a run trains, not what it trains
+        options["train"].pop("compile")
     resolve_options(cfg, options)
     resolve_class_text(cfg, options)
     return json.loads(json.dumps(options, default=str))

@@ -226,10 +226,14 @@ def _shots(cfg: ExperimentConfig, trained: TrainedPrompted | None) -> dict[str, 
     }
 
 
-def _train_timings(trained: TrainedPrompted | None, train_s: float) -> dict[str, float]:
+def _train_timings(trained: TrainedPrompted | None, train_s: float) -> dict[str, Any]:
     if trained is None:
         return {}
-    return {"time_per_epoch_s": trained.result.time_per_epoch_s, "train_s": train_s}
+    return {
+        "time_per_epoch_s": trained.result.time_per_epoch_s,
+        "train_s": train_s,
+        "train_throughput": trained.result.throughput,
+    }
 
 
 def _check_run(cfg: ExperimentConfig) -> None:

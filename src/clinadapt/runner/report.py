@@ -367,18 +367,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def published_comparison(
     rows: list[dict[str, Any]], published: dict[tuple[str, str], dict[str, float]]
 ) -> str:
-    """Our test AUC/ACC beside a paper's, with the AUC gap (ours minus published)."""
+    """Our test AUC/ACC beside a paper's, with the AUC gap (ours minus published); over
+    several seeds, our mean ± sd, so that a gap can be read against seed noise."""
     lines = [
-        "| dataset | backbone | AUC (ours) | AUC (paper) | gap | ACC (ours) | ACC (paper) |",
-        "|---|---|---|---|---|---|---|",
+        "| dataset | backbone | seeds | AUC (ours) | AUC (paper) | gap | ACC (ours) "
+        "| ACC (paper) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def ours(row: dict[str, Any], metric: str) -> str:
+        spread = f" ± {row[f'{metric}_sd']:.3f}" if row.get("seeds", 1) > 1 else ""
+        return f"{row[metric]:.3f}{spread}"
+
     for row in rows:
         ref = published.get((row["dataset"], row["backbone"]))
         if ref is None or row["shots"] != "all":
             continue
         lines.append(
-            f"| {row['dataset']} | {row['backbone']} | {row['auc']:.3f} | {ref['auc']:.3f} | "
-            f"{row['auc'] - ref['auc']:+.3f} | {row['acc']:.3f} | {ref['acc']:.3f} |"
+            f"| {row['dataset']} | {row['backbone']} | {row.get('seeds', 1)} | "
+            f"{ours(row, 'auc')} | {ref['auc']:.3f} | {row['auc'] - ref['auc']:+.3f} | "
+            f"{ours(row, 'acc')} | {ref['acc']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -141,6 +141,7 @@ def run_segmentation(
             "setup_key": run["id"],
             "time_per_epoch_s": result.time_per_epoch_s,
             "train_s": result.total_s,
+            "train_throughput": result.throughput,
             "predict_s": predict_s,
             "score_s": score_s,
             "run_s": time.perf_counter() - run_start,
