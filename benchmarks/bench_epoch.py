@@ -66,6 +66,8 @@ def run_once(src: Path, out: Path, epochs: int, data_root: str, compile_: bool) 
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     (record_path,) = [p for p in out.rglob("*.json") if p.parent.name == "full"]
     record = json.loads(record_path.read_text())
+    if "error" in record:
+        raise SystemExit(f"{src} failed: {record['error']}")
     last = record["history"][-1]
     return {
         "epoch_s": last["seconds"],
@@ -149,6 +151,39 @@ def profile_step(precision: str, batch: int = 128, steps: int = 3) -> dict[str, 
     }
 
 
+def data_pipeline_s(data_root: str) -> float:
+    """One epoch of the training data alone (read, stack, preprocess; no model), as the
+    training loop batches it: how much of an epoch the data could possibly account for."""
+    from torch.utils.data import DataLoader
+
+    from clinadapt.backbones import create_backbone
+    from clinadapt.data import load_dataset
+    from clinadapt.engine.batches import ArraySource, Collate, EpochSampler
+    from clinadapt.runner.common import make_preprocess
+    from clinadapt.runner.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig(
+        dataset=DATASET,
+        data_root=data_root,
+        backbone="resnet18_28",
+        weights="none",
+        method="full",
+        resize="nearest",
+    )
+    split = load_dataset(DATASET, root=data_root, size=28)["train"]
+    preprocess = make_preprocess(create_backbone("resnet18_28", "none"), cfg)
+    loader = DataLoader(
+        ArraySource(split.images, split.labels),
+        batch_size=128,
+        sampler=EpochSampler(len(split), 0),
+        collate_fn=Collate(preprocess, False, 0),
+    )
+    began = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - began
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="git revision to compare against")
@@ -202,6 +237,7 @@ def main() -> None:
             "process_cpu_s": median("old", "process_cpu_s") / median("new", "process_cpu_s"),
         },
         "profile_of_one_step": profile_step(runs["new"][0]["precision"]),
+        "data_pipeline_s_per_epoch": data_pipeline_s(data_root),
     }
     if "new_compiled" in runs:
         result["uncompiled_over_compiled_epoch_s"] = (

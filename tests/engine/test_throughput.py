@@ -100,7 +100,8 @@ def test_compile_option_trains_through_torch_compile_and_keeps_the_run_identity(
 
     monkeypatch.setattr(torch, "compile", spy)
     plain = fit(tiny_model(), tmp_path / "plain")
-    fast = fit(tiny_model(), tmp_path / "compiled", compile=True)
+    model = tiny_model()
+    fast = fit(model, tmp_path / "compiled", compile=True)
     assert compiled == ["TinyNet"]
     for a, b in zip(plain.history, fast.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
@@ -108,3 +109,7 @@ def test_compile_option_trains_through_torch_compile_and_keeps_the_run_identity(
     # a compiled run resumes an uncompiled one: compile is not part of the checkpoint's config
     again = fit(tiny_model(), tmp_path / "plain", resume=True, compile=True)
     assert again.history == plain.history
+    # under bf16 autocast too (accelerate wraps the forward, and must unwrap the plain model)
+    mixed = tiny_model()
+    fit(mixed, tmp_path / "bf16", compile=True, precision="bf16")
+    assert mixed(torch.zeros(2, 3, 16, 16)).dtype == torch.float32

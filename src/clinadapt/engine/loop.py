@@ -155,7 +155,8 @@ class Loop:
         ).to(accelerator.device)
         self.layout = memory_format_for(model)
         net = (SliceMean(model) if volume else model).to(memory_format=self.layout)
-        self.net = accelerator.prepare(torch.compile(net) if config.compile else net)
+        self.prepared = accelerator.prepare(net)  # what accelerate wrapped, and unwraps after
+        self.net = torch.compile(self.prepared) if config.compile else self.prepared
         self.flops_per_example: float | None = None
         """Training FLOPs (forward and backward) per example, counted on the first step."""
         optimizer = build_optimizer(
@@ -194,7 +195,7 @@ class Loop:
         try:
             self._epochs(resume, on_epoch_end)
         finally:  # undo accelerate's autocast wrapper of forward, also when training failed
-            self.acc.unwrap_model(self.net, keep_fp32_wrapper=False)
+            self.acc.unwrap_model(self.prepared, keep_fp32_wrapper=False)
         load_trainable_state(self.model, self.best_state)
         self.model.eval()
         if self.acc.is_main_process:
