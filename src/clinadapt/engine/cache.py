@@ -1,8 +1,9 @@
 """On-disk feature cache keyed by everything that changes the features; corrupt entries rebuild.
 
 The storage is ``data.array_cache.ArrayCache`` (``<key>.npy`` plus a checksummed ``<key>.json``
-sidecar, both written atomically, the sidecar last); features are read into memory and their key
-carries a version that changes when extraction changes in a way the key parts do not capture.
+sidecar, both written atomically, the sidecar last); features are read into memory once (a mapped
+file copied into memory would count twice at its peak) and their key carries a version that
+changes when extraction changes in a way the key parts do not capture.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class FeatureCache(ArrayCache):
 
     def load(self, key: str) -> np.ndarray | None:  # type: ignore[override]
         """The cached array in memory, or None when absent or damaged (logged, not raised)."""
-        cached = super().load(key)
-        return None if cached is None else np.array(cached[0])
+        cached = super().load(key, mapped=False)
+        return None if cached is None else cached[0]
 
     def get_or_compute(  # type: ignore[override]
         self, parts: dict[str, Any], compute: Callable[[], np.ndarray]

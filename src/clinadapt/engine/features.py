@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import mmap
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clinadapt.data.array_cache import release_mapped_pages
 from clinadapt.engine.cache import FeatureCache, array_sha256
 from clinadapt.engine.precision import (
     PrecisionDecision,
@@ -244,18 +244,6 @@ def _batch_plan(
         return False, batch_size
     slices_each = sum(p.shape[1] for p in volume_planes(first, volume_mode, max_slices))
     return True, max(1, batch_size // slices_each)
-
-
-def release_mapped_pages(images: Any) -> None:
-    """Drop the pages of a memory-mapped source that this process has read.
-
-    Pages of a memmap that were read stay mapped and count as this process's memory until the
-    kernel needs them back, so memory would grow with the dataset. The file stays in the page
-    cache, so reading a page again costs no disk access.
-    """
-    mapping = getattr(images, "_mmap", None)
-    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @contextlib.contextmanager
