@@ -35,7 +35,9 @@ def _opt(default: Any, scope: str, help_text: str, **kw: Any) -> Any:
 @dataclass
 class ExperimentConfig:
     dataset: str = _opt(
-        "breastmnist", "features", "MedMNIST name, synthetic-* name, image folder or CSV manifest"
+        "breastmnist",
+        "features",
+        "MedMNIST name, synthetic-* name, image folder, CSV manifest or .npz of arrays",
     )
     data_root: str | None = _opt(
         None, "place", "folder with the .npz files (default: $CLINADAPT_DATA)"
