@@ -22,6 +22,7 @@ from clinadapt.runner.common import (
     resize_mode,
     sample_support,
     sample_validation,
+    take_rows,
 )
 
 EXTRACTION_BATCH = 64
@@ -415,12 +416,17 @@ def run_on_features(
     val = None
     if "val" in bundle.features and cfg.val_shots_value() != 0:
         picked = sample_validation(cfg, info, bundle.labels["val"])
-        val = (bundle.features["val"][picked], bundle.labels["val"][picked])
+        val = (take_rows(bundle.features["val"], picked), bundle.labels["val"][picked])
     if "train" in domains:
         method.use_domains(domains["train"][support])
     start = time.perf_counter()
     method.fit(
-        train_x[support], train_y[support], info.task, info.num_classes, val=val, seed=cfg.seed
+        take_rows(train_x, support),
+        train_y[support],
+        info.task,
+        info.num_classes,
+        val=val,
+        seed=cfg.seed,
     )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
