@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from clinadapt.data.array_cache import ArrayCache, array_sha256
+from clinadapt.engine import distributed
 from clinadapt.paths import cache_home
 
 __all__ = ["FeatureCache", "array_sha256", "default_cache_root"]
@@ -45,13 +46,32 @@ class FeatureCache(ArrayCache):
         return None if cached is None else cached[0]
 
     def get_or_compute(  # type: ignore[override]
-        self, parts: dict[str, Any], compute: Callable[[], np.ndarray]
+        self, parts: dict[str, Any], compute: Callable[[], np.ndarray], *, shared: bool = False
     ) -> tuple[np.ndarray, bool]:
-        """(array, cache_hit): the cached features, or ``compute()`` saved for next time."""
+        """(array, cache_hit): the cached features, or ``compute()`` saved for next time.
+
+        ``shared``, in a multi-process launch (every process calls it): the first process alone
+        reads and writes the cache and every process gets its array; on a miss every process
+        runs ``compute`` (an extraction split between them, ``extract_features(distributed=)``).
+        """
         key = self.key(parts)
+        if shared and distributed.launched():
+            return self._shared(key, parts, compute)
         cached = self.load(key)
         if cached is not None:
             return cached, True
         array = np.ascontiguousarray(compute())
         self.save(key, array, parts)
+        return array, False
+
+    def _shared(
+        self, key: str, parts: dict[str, Any], compute: Callable[[], np.ndarray]
+    ) -> tuple[np.ndarray, bool]:
+        first = distributed.rank() == 0
+        cached = self.load(key) if first else None
+        if distributed.from_first(cached is not None):
+            return distributed.share_array(cached), True
+        array = np.ascontiguousarray(compute())
+        if first:
+            self.save(key, array, parts)
         return array, False

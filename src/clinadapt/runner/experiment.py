@@ -280,7 +280,9 @@ class FeatureBundle:
 
 
 def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> FeatureBundle:
-    """Load data and backbone, then extract (or read cached) features for every split."""
+    """Load data and backbone, then extract (or read cached) features for every split. Under
+    ``accelerate launch`` / ``torchrun`` each process embeds its share of every split, all of
+    them get all the features, and only the first process reads and writes the cache."""
     from clinadapt.backbones import create_backbone
     from clinadapt.data import load_dataset
     from clinadapt.data.transforms import slices_volumes
@@ -313,6 +315,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         max_slices=cfg.max_slices,
         is_volume=slices,
         cache=cache,
+        distributed=True,
     )
     timings["precision_check_s"] = time.perf_counter() - start
     precision = precision_check.used
@@ -349,7 +352,9 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
                 is_volume=slices,
                 progress=progress,
                 desc=f"{dataset.info.name}/{split_name} {backbone.name}",
+                distributed=True,
             ),
+            shared=True,
         )
         timings[f"features_{split_name}_s"] = time.perf_counter() - start
         labels[split_name] = np.asarray(split.labels)
