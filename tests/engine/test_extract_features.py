@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -177,35 +175,3 @@ def test_empty_source_and_bad_options(backbone, preprocess):
         extract_features(backbone, IMAGES, preprocess, batch_size=0)
     with pytest.raises(ConfigError, match="volume_mode"):
         extract_features(backbone, IMAGES, preprocess, volume_mode="oblique", progress=False)
-
-
-def _mapped_kib(path) -> int | None:
-    """Resident KiB of this process's mapping of ``path`` (Linux /proc/self/smaps)."""
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return None
-    total, inside = 0, False
-    for line in lines:
-        if not line.split()[0].endswith(":"):  # a mapping's header line: address range ... path
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
-def test_release_mapped_pages_drops_read_pages_and_keeps_memmaps_readable(tmp_path):
-    from clinadapt.engine.features import release_mapped_pages
-
-    path = tmp_path / "x.npy"
-    np.save(path, np.arange(256 * 16384, dtype=np.uint32).astype(np.uint8).reshape(256, 16384))
-    images = np.load(path, mmap_mode="r")
-    before = np.array(images)  # reads every page
-    resident = _mapped_kib(path)
-    if resident is None:
-        pytest.skip("needs /proc/self/smaps (Linux)")
-    assert resident > 2000
-    release_mapped_pages(images)
-    assert _mapped_kib(path) < resident / 4
-    np.testing.assert_array_equal(images, before)
-    release_mapped_pages(before)  # a plain array: nothing to release

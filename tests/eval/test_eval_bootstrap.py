@@ -102,3 +102,16 @@ def test_options_are_validated(informative):
         bootstrap_ci(labels, scores, "binary", metrics=("aucc",))
     with pytest.raises(ConfigError, match="alpha"):
         bootstrap_ci(labels, scores, "binary", alpha=1.5)
+
+
+def test_memory_of_a_large_test_set_stays_small(informative):
+    import tracemalloc
+
+    labels, scores = informative(TaskType.BINARY, 50_000, 0)
+    tracemalloc.start()
+    try:
+        bootstrap_ci(labels, scores, "binary", metrics=ALL, n_resamples=200, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 128 * 2**20  # a few resamples at a time (before: 300 MB)

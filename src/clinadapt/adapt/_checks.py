@@ -10,16 +10,31 @@ from clinadapt.data.checks import check_task, compact_labels
 from clinadapt.data.info import TaskType
 from clinadapt.errors import DataError
 
+ROW_BLOCK_ELEMENTS = 1 << 20
+"""Values per block of rows in the row-wise passes below: temporaries stay this small however
+many examples there are."""
+
+
+def row_blocks(x: np.ndarray) -> range:
+    """Start rows of blocks of about ``ROW_BLOCK_ELEMENTS`` values (step: ``row_step(x)``)."""
+    return range(0, len(x), row_step(x))
+
+
+def row_step(x: np.ndarray) -> int:
+    return max(1, ROW_BLOCK_ELEMENTS // max(1, x.shape[1]))
+
 
 def check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
-    """A finite float64 ``(N, D)`` array with N >= 1."""
+    """A finite float64 ``(N, D)`` array with N >= 1: always a new array, which the methods may
+    change in place instead of allocating another copy of the features."""
     x = np.asarray(features)
     if x.ndim != 2 or x.shape[0] == 0:
         raise DataError(f"{what} must be a non-empty 2-D array (N, D), got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{what} must be numeric, got dtype {x.dtype}")
-    x = x.astype(np.float64, copy=False)
-    bad = ~np.isfinite(x).all(axis=1)
+    x = x.astype(np.float64)
+    step = row_step(x)
+    bad = np.concatenate([~np.isfinite(x[i : i + step]).all(axis=1) for i in row_blocks(x)])
     if bad.any():
         raise DataError(
             f"{what} contain NaN or infinite values in {int(bad.sum())} of {len(x)} rows "
@@ -68,6 +83,9 @@ def targets(y: np.ndarray, task: TaskType, num_classes: int) -> np.ndarray:
     return y.astype(np.float64)
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; all-zero rows stay zero instead of becoming NaN."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def l2_normalise(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit length; all-zero rows stay zero instead of becoming NaN. ``in_place``
+    overwrites ``x`` (a copy from ``check_features``) instead of allocating another array."""
+    step = row_step(x)
+    norms = np.concatenate([np.linalg.norm(x[i : i + step], axis=1) for i in row_blocks(x)])
+    return np.divide(x, np.maximum(norms, 1e-12)[:, None], out=x if in_place else None)

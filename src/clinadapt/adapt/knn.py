@@ -16,7 +16,7 @@ from clinadapt.adapt.base import METHODS, FrozenFeatureMethod
 from clinadapt.data.info import TaskType
 from clinadapt.errors import ConfigError
 
-_BLOCK_ELEMENTS = 1 << 24  # similarity entries per query block: bounds memory on large supports
+_BLOCK_ELEMENTS = 1 << 22  # similarity entries per query block: bounds memory on large supports
 
 
 @dataclass
@@ -58,13 +58,14 @@ class KNN(FrozenFeatureMethod):
         seed: int = 0,
     ) -> KNN:
         x, y, task, _ = check_fit_inputs(features, labels, task, num_classes, val)
-        self._support = l2_normalise(x)
+        self._support = l2_normalise(x, in_place=True)
         self._targets = targets(y, task, num_classes)
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         support = self._support
-        q = l2_normalise(check_query(features, None if support is None else support.shape[1]))
+        q = check_query(features, None if support is None else support.shape[1])
+        q = l2_normalise(q, in_place=True)
         k = min(self.config.k, len(support))
         out = np.empty((len(q), self._targets.shape[1]))
         step = max(1, _BLOCK_ELEMENTS // len(support))

@@ -25,7 +25,7 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from clinadapt.adapt._checks import check_fit_inputs, check_query
+from clinadapt.adapt._checks import check_fit_inputs, check_query, row_blocks, row_step
 from clinadapt.adapt.base import METHODS, FrozenFeatureMethod
 from clinadapt.data.info import TaskType
 from clinadapt.errors import ClinadaptError, ConfigError
@@ -159,14 +159,14 @@ class LinearProbe(FrozenFeatureMethod):
     ) -> LinearProbe:
         x, y, self._task, val = check_fit_inputs(features, labels, task, num_classes, val)
         self._num_classes = num_classes
-        self._scaler = StandardScaler().fit(x)
-        x = self._scaler.transform(x)
+        self._scaler = _standard_scaler(x)
+        x = self._scaler.transform(x, copy=False)  # x and val are check_features' copies
         with threadpool_limits(limits=1, user_api="blas"):
             if val is None:
                 self._probes = self._fit_probes(x, y, 1.0, seed)
                 self._selected = {"C": 1.0, "selection": "default C=1 (no validation split given)"}
             else:
-                self._select(x, y, (self._scaler.transform(val[0]), val[1]), seed)
+                self._select(x, y, (self._scaler.transform(val[0], copy=False), val[1]), seed)
         self._selected["converged"] = all(p.converged for p in self._probes)
         return self
 
@@ -194,7 +194,7 @@ class LinearProbe(FrozenFeatureMethod):
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         q = check_query(features, None if self._scaler is None else self._scaler.n_features_in_)
-        return self._proba(self._probes, self._scaler.transform(q))
+        return self._proba(self._probes, self._scaler.transform(q, copy=False))
 
     def selected(self) -> dict[str, Any]:
         return dict(self._selected)
@@ -221,6 +221,15 @@ class LinearProbe(FrozenFeatureMethod):
         return LinearHead(
             model.coef_.copy(), model.intercept_.copy(), scaler.mean_.copy(), scale.copy()
         )
+
+
+def _standard_scaler(x: np.ndarray) -> StandardScaler:
+    """``StandardScaler().fit(x)`` a block of rows at a time: fitting at once makes temporaries
+    of twice the size of ``x``. One block (up to a million values) is the plain fit."""
+    scaler, step = StandardScaler(), row_step(x)
+    for start in row_blocks(x):
+        scaler.partial_fit(x[start : start + step])
+    return scaler
 
 
 METHODS.register("linear", LinearProbe)

@@ -36,7 +36,7 @@ def _prototype(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The unit-length mean of the rows of ``z`` selected by ``mask`` (NaN when none are)."""
     if not mask.any():
         return np.full(z.shape[1], np.nan)
-    return l2_normalise(z[mask].mean(axis=0, keepdims=True))[0]
+    return l2_normalise(z.mean(axis=0, keepdims=True, where=mask[:, None]))[0]
 
 
 class Prototype(FrozenFeatureMethod):
@@ -65,7 +65,8 @@ class Prototype(FrozenFeatureMethod):
     ) -> Prototype:
         x, y, task, _ = check_fit_inputs(features, labels, task, num_classes, val)
         self._mean = x.mean(axis=0)
-        z = l2_normalise(x - self._mean)
+        x -= self._mean
+        z = l2_normalise(x, in_place=True)
         if task.single_label:
             self._protos = np.stack([_prototype(z, y == c) for c in range(num_classes)])
         else:
@@ -81,7 +82,8 @@ class Prototype(FrozenFeatureMethod):
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         mean = self._mean
         q = check_query(features, None if mean is None else len(mean))
-        z = l2_normalise(q - mean)
+        q -= mean
+        z = l2_normalise(q, in_place=True)
         t = self.config.temperature
         if self._task.single_label:
             logits = z @ self._protos.T / t

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,13 +25,27 @@ from clinadapt.paths import share_like_new_file
 log = logging.getLogger(__name__)
 
 
+def release_mapped_pages(array: object) -> None:
+    """Drop the pages of a memory-mapped array that this process has read (no-op otherwise).
+
+    Pages of a memmap that were read stay mapped and count as this process's memory until the
+    kernel needs them back, so memory would grow with the dataset. The file stays in the page
+    cache, so reading a page again costs no disk access.
+    """
+    mapping = getattr(array, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def array_sha256(array: np.ndarray) -> str:
-    """sha256 of the array's bytes in C order, read a chunk at a time (memmaps stay on disk)."""
+    """sha256 of the array's bytes in C order, read a chunk at a time; the pages of a memmap
+    are released as they are hashed, so hashing a large entry costs a chunk of memory."""
     digest = hashlib.sha256()
     flat = np.ascontiguousarray(array).reshape(-1)
     step = max(1, (1 << 24) // max(1, flat.itemsize))
     for start in range(0, flat.size, step):
         digest.update(np.ascontiguousarray(flat[start : start + step]).tobytes())
+        release_mapped_pages(array)
     return digest.hexdigest()
 
 
@@ -45,14 +60,15 @@ class ArrayCache:
         canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def load(self, key: str) -> tuple[np.ndarray, str] | None:
-        """(memory-mapped array, its sha256), or None when absent or damaged (logged)."""
+    def load(self, key: str, *, mapped: bool = True) -> tuple[np.ndarray, str] | None:
+        """(array, its sha256), or None when absent or damaged (logged). ``mapped``: the array
+        is memory-mapped; else read into memory once (never both, which would hold it twice)."""
         array_path, meta_path = self.root / f"{key}.npy", self.root / f"{key}.json"
         if not meta_path.exists():
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+            array = np.load(array_path, mmap_mode="r" if mapped else None, allow_pickle=False)
             digest = array_sha256(array)
         except (OSError, ValueError, EOFError) as err:
             log.warning("cache entry %s is unreadable (%s); recomputing", array_path, err)

@@ -26,6 +26,7 @@ from clinadapt.paths import cache_home
 
 KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 SIBLING_CACHE = ".clinadapt-arrays"
+REDOWNLOAD = "Delete it and load again to download the official file."
 
 
 def npz_name(name: str, size: int) -> str:
@@ -60,7 +61,7 @@ def load_medmnist(
             ChecksumWarning,
             stacklevel=3,
         )
-    arrays = _open_arrays(path, md5)
+    arrays = open_arrays(path, md5)
     splits = {s: _split(info, size, path, s, arrays) for s in SPLITS}
     provenance = {
         "source": str(path),
@@ -80,19 +81,21 @@ def _arrays_dir(npz: Path, md5: str) -> Path:
     return cache_home() / "arrays" / md5
 
 
-def _open_arrays(npz: Path, md5: str) -> dict[str, np.ndarray]:
+def open_arrays(npz: Path, md5: str, *, remedy: str = REDOWNLOAD) -> dict[str, np.ndarray]:
+    """The six arrays of an npz in MedMNIST's layout (``KEYS``), memory-mapped from their
+    extracted copies; ``remedy`` tells the user what to do with a damaged file."""
     folder = _arrays_dir(npz, md5)
     if folder.is_dir() and not all((folder / f"{k}.npy").is_file() for k in KEYS):
         shutil.rmtree(folder, ignore_errors=True)  # the cache was tampered with: extract again
     if not folder.is_dir():
-        _extract(npz, folder)
+        _extract(npz, folder, remedy)
     try:
         return {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in KEYS}
     except ValueError as err:
         raise DataError(f"{npz}: an array cannot be read ({err}); the file is corrupt") from None
 
 
-def _extract(npz: Path, target: Path) -> None:
+def _extract(npz: Path, target: Path, remedy: str) -> None:
     """Copy each ``.npy`` member out of the zip into ``target``, which appears all at once."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -104,7 +107,7 @@ def _extract(npz: Path, target: Path) -> None:
             if missing:
                 raise DataError(
                     f"{npz} lacks the arrays {missing}; a MedMNIST file holds {list(KEYS)}. "
-                    "Delete it and load again to download the official file."
+                    f"{remedy}"
                 )
             for key in KEYS:
                 with zf.open(f"{key}.npy") as src, (tmp / f"{key}.npy").open("wb") as dst:
@@ -117,8 +120,7 @@ def _extract(npz: Path, target: Path) -> None:
                 raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise DataError(
-            f"{npz} is not a readable npz file ({err}): it is truncated or corrupt. "
-            "Delete it and load again to download the official file."
+            f"{npz} is not a readable npz file ({err}): it is truncated or corrupt. {remedy}"
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Named datasets and the one entry point that loads any dataset: a MedMNIST name, a
-``synthetic-*`` name, a named segmentation folder, an image folder, a segmentation folder or a
-CSV manifest."""
+``synthetic-*`` name, a named segmentation folder, an image folder, a segmentation folder, a
+CSV manifest or an npz of arrays."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from clinadapt.data.dataset import Dataset
 from clinadapt.data.info import DatasetInfo, TaskType
 from clinadapt.data.local import load_image_folder, load_manifest
 from clinadapt.data.medmnist import load_medmnist
+from clinadapt.data.npz import load_npz
 from clinadapt.data.segmentation import load_segmentation, segmentation_layout
 from clinadapt.data.synthetic import DEFAULT_SPLITS, PRESETS, make_synthetic, synthetic_info
 from clinadapt.errors import DataError, UnknownNameError
@@ -114,7 +115,8 @@ def load_dataset(
     volume_size: int = 64,
     seed: int = 0,
 ) -> Dataset:
-    """Load a dataset by registered name, image folder or ``.csv`` manifest.
+    """Load a dataset by registered name, image folder, ``.csv`` manifest or ``.npz`` of arrays
+    in MedMNIST's layout (``data.npz``; memory-mapped, the way for large datasets).
 
     ``size`` picks the MedMNIST file (28, 64, 128, 224; 3D: 28, 64) or the synthetic image size.
     Image folders and manifests are resized on read to ``image_size`` (2D) or a ``volume_size``
@@ -146,16 +148,19 @@ def load_dataset(
         return load_image_folder(path, **options)
     if path.is_file() and path.suffix.lower() == ".csv":
         return load_manifest(path, **options)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return load_npz(path)
     if path.exists():
         raise DataError(
-            f"{path} is neither a folder (of class sub-folders, or a segmentation layout) nor a "
-            ".csv manifest"
+            f"{path} is neither a folder (of class sub-folders, or a segmentation layout), a "
+            ".csv manifest nor an .npz of arrays"
         )
     if os.sep in name or "/" in name or path.suffix:
         raise DataError(f"{path} does not exist")
     raise UnknownNameError(
         f"Unknown dataset {name!r}.{did_you_mean(name.lower(), DATASETS.names())} Give a "
-        "registered name (`clinadapt datasets` lists them), an image folder or a .csv manifest."
+        "registered name (`clinadapt datasets` lists them), an image folder, a .csv manifest or an "
+        ".npz of arrays."
     )
 
 

@@ -7,6 +7,11 @@ intensity and contrast, to exercise imbalance handling and test-time adaptation.
 
 from __future__ import annotations
 
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
 import numpy as np
 
 from clinadapt.data.dataset import SPLITS, Dataset, Split
@@ -64,19 +69,8 @@ def make_synthetic(
     """A uint8 dataset shaped like MedMNIST: (N, S, S), (N, S, S, 3) or (N, S, S, S)."""
     task = TaskType(task)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    if task is TaskType.BINARY and num_classes != 2:
-        raise ConfigError(f"a binary task has 2 classes, got num_classes={num_classes}")
-    if num_classes < 2 or min(counts.values()) < 1 or size < 8 or imbalance < 1:
-        raise ConfigError(
-            "synthetic data needs num_classes >= 2, at least 1 example per split, size >= 8 "
-            f"and imbalance >= 1; got {num_classes}, {counts}, {size}, {imbalance}"
-        )
-    if ndim not in (2, 3) or channels not in (1, 3) or (ndim == 3 and channels != 1):
-        raise ConfigError(
-            f"use ndim 2 with 1 or 3 channels, or ndim 3 with 1; got {ndim}, {channels}"
-        )
-    # Majority class 0 down to minority class K-1, the two differing by the factor ``imbalance``.
-    priors = float(imbalance) ** (-np.arange(num_classes) / (num_classes - 1))
+    _check(task, counts, num_classes, size, channels, ndim, imbalance)
+    priors = _priors(num_classes, imbalance)
     centres = _centres(num_classes, ndim)
     splits = {}
     for i, split in enumerate(SPLITS):
@@ -101,6 +95,81 @@ def make_synthetic(
         "params": params,
     }
     return Dataset(info=info, splits=splits, size=size, provenance=provenance)
+
+
+def write_synthetic_npz(
+    path: str | Path,
+    task: TaskType | str = TaskType.BINARY,
+    *,
+    n_train: int = 200,
+    n_val: int = 50,
+    n_test: int = 100,
+    num_classes: int = 2,
+    size: int = 28,
+    seed: int = 0,
+    chunk: int = 1024,
+) -> Path:
+    """``make_synthetic``'s kind of grayscale images written as an npz in MedMNIST's layout
+    (uncompressed), ``chunk`` images at a time: a dataset larger than memory can be made, and
+    ``load_dataset(path)`` reads it memory-mapped. Each chunk has its own seed, so the images
+    differ from ``make_synthetic``'s with the same seed."""
+    task = TaskType(task)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    _check(task, counts, num_classes, size, 1, 2, 1.0)
+    if chunk < 1:
+        raise ConfigError(f"chunk must be at least 1, got {chunk}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    priors, centres = _priors(num_classes, 1.0), _centres(num_classes, 2)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for i, split in enumerate(SPLITS):
+                onehot = _draw_labels(np.random.default_rng([seed, i]), task, counts[split], priors)
+                shape = (len(onehot), size, size)
+                with archive.open(f"{split}_images.npy", "w", force_zip64=True) as out:
+                    np.lib.format.write_array_header_1_0(
+                        out, {"descr": "|u1", "fortran_order": False, "shape": shape}
+                    )
+                    for c, start in enumerate(range(0, len(onehot), chunk)):
+                        rng = np.random.default_rng([seed, i, c])
+                        part = onehot[start : start + chunk]
+                        out.write(_render(rng, part, centres, size, 2, 1, 0).tobytes())
+                labels = onehot if task is TaskType.MULTILABEL else onehot.argmax(axis=1)[:, None]
+                with archive.open(f"{split}_labels.npy", "w") as out:
+                    np.lib.format.write_array(out, labels.astype(np.uint8), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _check(
+    task: TaskType,
+    counts: dict[str, int],
+    num_classes: int,
+    size: int,
+    channels: int,
+    ndim: int,
+    imbalance: float,
+) -> None:
+    if task is TaskType.BINARY and num_classes != 2:
+        raise ConfigError(f"a binary task has 2 classes, got num_classes={num_classes}")
+    if num_classes < 2 or min(counts.values()) < 1 or size < 8 or imbalance < 1:
+        raise ConfigError(
+            "synthetic data needs num_classes >= 2, at least 1 example per split, size >= 8 "
+            f"and imbalance >= 1; got {num_classes}, {counts}, {size}, {imbalance}"
+        )
+    if ndim not in (2, 3) or channels not in (1, 3) or (ndim == 3 and channels != 1):
+        raise ConfigError(
+            f"use ndim 2 with 1 or 3 channels, or ndim 3 with 1; got {ndim}, {channels}"
+        )
+
+
+def _priors(num_classes: int, imbalance: float) -> np.ndarray:
+    """Majority class 0 down to minority class K-1, the two differing by ``imbalance``."""
+    return float(imbalance) ** (-np.arange(num_classes) / (num_classes - 1))
 
 
 def _centres(num_classes: int, ndim: int) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import mmap
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,7 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clinadapt.data.array_cache import release_mapped_pages
+from clinadapt.data.dataset import Subset
 from clinadapt.engine.cache import FeatureCache, array_sha256
+from clinadapt.engine.distributed import from_first, gather_rows, launched, shard
 from clinadapt.engine.precision import (
     PrecisionDecision,
     check_precision,
@@ -94,6 +96,7 @@ def extract_features(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "features",
+    distributed: bool = False,
 ) -> np.ndarray:
     """Embed every item of ``images`` (array, memmap, or ``source[int_array] -> batch``).
 
@@ -101,11 +104,19 @@ def extract_features(
     enough volumes to give about ``batch_size`` slices) is in memory at a time. ``is_volume``
     defaults to guessing from the batch shape; pass ``dataset.info.ndim == 3`` to be explicit.
     ``precision="auto"`` is decided by ``extraction_precision`` on the first batch.
+    ``distributed``: in a multi-process launch (``accelerate launch``, ``torchrun``), where
+    every process calls this with the same images, each embeds a contiguous share of them and
+    all return all the features; elsewhere it changes nothing.
     """
     check_precision(precision)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     _check_volume_mode(volume_mode)  # even for 2D data: a typo should not wait for a 3D run
+    if distributed and launched():
+        options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": is_volume}
+        return _extract_share(
+            backbone, images, preprocess, precision, batch_size, device, progress, desc, options
+        )
     dev = resolve_device(device)
     n = len(images)
     out = np.empty((n, backbone.feature_dim), dtype=np.float32)
@@ -143,6 +154,49 @@ def extract_features(
     return out
 
 
+def _extract_share(
+    backbone: Backbone,
+    images: Any,
+    preprocess: Preprocess,
+    precision: str,
+    batch_size: int,
+    device: str | torch.device | None,
+    progress: bool,
+    desc: str,
+    options: dict[str, Any],
+) -> np.ndarray:
+    """``extract_features(distributed=True)`` in a launch: this process's rows, then all rows."""
+    if precision == "auto":  # one decision for all, on the first batch of all the images
+        decision = extraction_precision(
+            backbone,
+            images,
+            preprocess,
+            batch_size=batch_size,
+            device=device,
+            distributed=True,
+            **options,
+        )
+        precision = decision.used
+    rows = shard(len(images))
+    part = (
+        images[rows.start : rows.stop]  # a memmap's slice is a memmap: its pages get released
+        if isinstance(images, np.ndarray)
+        else Subset(images, np.arange(rows.start, rows.stop))
+    )
+    local = extract_features(
+        backbone,
+        part,
+        preprocess,
+        batch_size=batch_size,
+        precision=precision,
+        device=device,
+        progress=progress,
+        desc=desc,
+        **options,
+    )
+    return gather_rows(local, len(images))
+
+
 def extraction_precision(
     backbone: Backbone,
     images: Any,
@@ -155,6 +209,7 @@ def extraction_precision(
     is_volume: bool | None = None,
     device: str | torch.device | None = None,
     cache: FeatureCache | None = None,
+    distributed: bool = False,
 ) -> PrecisionDecision:
     """The precision ``extract_features`` should use on ``images`` with these options.
 
@@ -162,13 +217,16 @@ def extraction_precision(
     one batch of slices) through ``extract_features`` in fp32 and in bf16 and keeps bf16 only
     when they agree (``engine.precision.decide_precision``). With ``cache``, the two probe
     embeddings are stored like features, so a cached run repeats the decision without a forward.
+    ``distributed``: in a multi-process launch, every process takes the first one's decision,
+    and only the first reads and writes the cache.
     """
     check_precision(precision)
     options = {"volume_mode": volume_mode, "max_slices": max_slices, "is_volume": is_volume}
     dev = resolve_device(device)
-    return _probe_first_batch(
-        backbone, images, preprocess, precision, batch_size, dev, cache, options
+    decision = _probe_first_batch(
+        backbone, images, preprocess, precision, batch_size, dev, cache, options, distributed
     )[0]
+    return from_first(decision) if distributed else decision
 
 
 def _probe_first_batch(
@@ -180,6 +238,7 @@ def _probe_first_batch(
     device: torch.device,
     cache: FeatureCache | None,
     options: dict[str, Any],
+    shared: bool = False,
 ) -> tuple[PrecisionDecision, dict[str, np.ndarray]]:
     """``extraction_precision``'s decision, and the first batch's embeddings by the precisions
     the probe ran (none when it did not run), which ``extract_features`` keeps."""
@@ -224,7 +283,7 @@ def _probe_first_batch(
             "torch": torch.__version__,
             **settled,
         }
-        return cache.get_or_compute(parts, compute)[0]
+        return cache.get_or_compute(parts, compute, shared=shared)[0]
 
     return decide_precision(precision, device, probe), probed
 
@@ -244,18 +303,6 @@ def _batch_plan(
         return False, batch_size
     slices_each = sum(p.shape[1] for p in volume_planes(first, volume_mode, max_slices))
     return True, max(1, batch_size // slices_each)
-
-
-def release_mapped_pages(images: Any) -> None:
-    """Drop the pages of a memory-mapped source that this process has read.
-
-    Pages of a memmap that were read stay mapped and count as this process's memory until the
-    kernel needs them back, so memory would grow with the dataset. The file stays in the page
-    cache, so reading a page again costs no disk access.
-    """
-    mapping = getattr(images, "_mmap", None)
-    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @contextlib.contextmanager

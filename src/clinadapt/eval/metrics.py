@@ -27,7 +27,7 @@ from clinadapt.eval._weighted import (
 )
 from clinadapt.registry import did_you_mean
 
-_CHUNK_ELEMENTS = 1 << 22  # resample weights held at once in bootstrap_ci (32 MiB of float64)
+_CHUNK_ELEMENTS = 1 << 20  # resample weights held at once in bootstrap_ci (8 MiB of float64)
 
 
 class UndefinedMetricWarning(UserWarning):

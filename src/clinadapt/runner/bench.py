@@ -25,6 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from clinadapt.config import to_dict
+from clinadapt.engine.distributed import from_first, rank
 from clinadapt.errors import ClinadaptError, ConfigError
 from clinadapt.runner.common import weights_tag
 from clinadapt.runner.experiment import (
@@ -155,6 +156,13 @@ def is_done(path: Path) -> bool:
         return not json.loads(path.read_text()).get("failed", False)
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def _first_says(check: Callable[[], Any]) -> Any:
+    """``check()`` as the first process of ``accelerate launch`` / ``torchrun`` sees it, on
+    every process: only the first writes records and claims, and all must run the same runs
+    (their extractions and training are shared)."""
+    return from_first(check() if rank() == 0 else None)
 
 
 def _option_values(hint: Any, value: Any) -> list[Any]:
@@ -430,7 +438,8 @@ def run_grid(
     validate_names(grid)
     runs = expand(grid)
     paths = [record_path(out, cfg) for cfg in runs]
-    todo = [(cfg, path) for cfg, path in zip(runs, paths, strict=True) if not is_done(path)]
+    waiting = _first_says(lambda: [i for i, path in enumerate(paths) if not is_done(path)])
+    todo = [(runs[i], paths[i]) for i in waiting]
     counts = {
         "total": len(runs),
         "skipped": len(runs) - len(todo),
@@ -444,12 +453,12 @@ def run_grid(
     for cfg, path in bar:
         bar.set_postfix_str(f"{cfg.dataset}/{cfg.backbone}/{cfg.method}/{cfg.shots}/s{cfg.seed}")
         claim = RunClaim(path)
-        if not claim.acquire():
+        if not _first_says(claim.acquire):
             log.warning("run %s is being computed by another bench; left to it", path)
             counts["claimed"] += 1
             continue
         try:
-            if is_done(path):  # finished by another bench since this one started
+            if _first_says(lambda path=path: is_done(path)):  # another bench finished it
                 counts["skipped"] += 1
                 continue
             try:
@@ -522,7 +531,7 @@ def _trained_source(
     record of the run that needs it (claimed by this bench already)."""
     run_dir = path.with_suffix("")
     claim = RunClaim(path) if path != running else None
-    if claim is not None and not claim.acquire():
+    if claim is not None and not _first_says(claim.acquire):
         raise ClinadaptError(
             f"the run that trains this run's model ({path}) is being computed by another "
             "bench; this run is retried by the next call"
@@ -530,7 +539,7 @@ def _trained_source(
     try:
         cfg.resume = (run_dir / "checkpoint").exists()
         source = train_source(cfg, run_dir, progress=progress)
-        if claim is not None and not is_done(path):
+        if claim is not None and not _first_says(lambda: is_done(path)):
             write_json_atomic(path, evaluate_trained(cfg, source, run_dir, progress=progress))
     finally:
         if claim is not None:

@@ -119,6 +119,14 @@ def sample_support(cfg: Any, info: DatasetInfo, labels: np.ndarray) -> tuple:
     )
 
 
+def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``, or ``array`` itself when ``rows`` are all its rows in order (shots=all):
+    the features of a large split are not copied."""
+    if len(rows) == len(array) and np.array_equal(rows, np.arange(len(array))):
+        return array
+    return array[rows]
+
+
 def sample_validation(cfg: Any, info: DatasetInfo, labels: np.ndarray) -> np.ndarray:
     """The labelled validation examples a run may use: a few-shot run gets no more per class than
     its label budget (``val_shots``), drawn from the validation split with the run's seed."""

@@ -22,6 +22,7 @@ from clinadapt.runner.common import (
     resize_mode,
     sample_support,
     sample_validation,
+    take_rows,
 )
 
 EXTRACTION_BATCH = 64
@@ -35,7 +36,9 @@ def _opt(default: Any, scope: str, help_text: str, **kw: Any) -> Any:
 @dataclass
 class ExperimentConfig:
     dataset: str = _opt(
-        "breastmnist", "features", "MedMNIST name, synthetic-* name, image folder or CSV manifest"
+        "breastmnist",
+        "features",
+        "MedMNIST name, synthetic-* name, image folder, CSV manifest or .npz of arrays",
     )
     data_root: str | None = _opt(
         None, "place", "folder with the .npz files (default: $CLINADAPT_DATA)"
@@ -279,7 +282,9 @@ class FeatureBundle:
 
 
 def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> FeatureBundle:
-    """Load data and backbone, then extract (or read cached) features for every split."""
+    """Load data and backbone, then extract (or read cached) features for every split. Under
+    ``accelerate launch`` / ``torchrun`` each process embeds its share of every split, all of
+    them get all the features, and only the first process reads and writes the cache."""
     from clinadapt.backbones import create_backbone
     from clinadapt.data import load_dataset
     from clinadapt.data.transforms import slices_volumes
@@ -313,6 +318,7 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
         max_slices=cfg.max_slices,
         is_volume=slices,
         cache=cache,
+        distributed=True,
     )
     timings["precision_check_s"] = time.perf_counter() - start
     precision = precision_check.used
@@ -349,7 +355,9 @@ def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> Feature
                 is_volume=slices,
                 progress=progress,
                 desc=f"{dataset.info.name}/{split_name} {backbone.name}",
+                distributed=True,
             ),
+            shared=True,
         )
         timings[f"features_{split_name}_s"] = time.perf_counter() - start
         labels[split_name] = np.asarray(split.labels)
@@ -437,12 +445,17 @@ def run_on_features(
     val = None
     if "val" in bundle.features and cfg.val_shots_value() != 0:
         picked = sample_validation(cfg, info, bundle.labels["val"])
-        val = (bundle.features["val"][picked], bundle.labels["val"][picked])
+        val = (take_rows(bundle.features["val"], picked), bundle.labels["val"][picked])
     if "train" in domains:
         method.use_domains(domains["train"][support])
     start = time.perf_counter()
     method.fit(
-        train_x[support], train_y[support], info.task, info.num_classes, val=val, seed=cfg.seed
+        take_rows(train_x, support),
+        train_y[support],
+        info.task,
+        info.num_classes,
+        val=val,
+        seed=cfg.seed,
     )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
