@@ -60,7 +60,7 @@ def summarise(dataset: str, out: Path) -> dict[str, Any]:
                 "data_md5": rec["dataset"]["provenance"].get("md5"),
             }
         )
-    summary: dict[str, Any] = {"runs": rows}
+    summary: dict[str, Any] = {"runs": rows, "unfinished": unfinished(dataset, out)}
     for backbone in sorted({r["backbone"] for r in rows}):
         mine = [r for r in rows if r["backbone"] == backbone]
         published = MEDMNIST_V2_PUBLISHED[(dataset, backbone)]
@@ -77,6 +77,28 @@ def summarise(dataset: str, out: Path) -> dict[str, Any]:
             }
         summary[backbone] = entry
     return summary
+
+
+def unfinished(dataset: str, out: Path) -> list[dict[str, Any]]:
+    """Runs with a checkpoint but no record yet: how far they got (they resume)."""
+    rows = []
+    for state_file in sorted(out.rglob("checkpoint/state.json")):
+        run_dir = state_file.parent.parent
+        if run_dir.with_suffix(".json").exists() or run_dir.parent.name != "full":
+            continue
+        state = json.loads(state_file.read_text())
+        history = state["history"]
+        rows.append(
+            {
+                "run": run_dir.name,
+                "epochs_done": state["epoch"],
+                "best_val_auc_so_far": max(r["val_auc"] for r in history) if history else None,
+                "mean_epoch_s": statistics.fmean(r["seconds"] for r in history)
+                if history
+                else None,
+            }
+        )
+    return rows
 
 
 def main() -> None:
