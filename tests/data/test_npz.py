@@ -66,6 +66,8 @@ def test_bad_files_are_named(tmp_path, write_npz):
 
 def test_synthetic_npz_is_learnable_seeded_and_loads(tmp_path):
     path = write_synthetic_npz(tmp_path / "s.npz", n_train=90, n_val=20, n_test=30, chunk=16)
+    (tmp_path / "new").write_text("")  # the mode any new file gets, not the temp file's 0600
+    assert path.stat().st_mode == (tmp_path / "new").stat().st_mode
     with zipfile.ZipFile(path) as archive:  # stored, so extracting it is a plain copy
         assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
     ds = load_dataset(str(path))

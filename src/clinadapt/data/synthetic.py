@@ -17,6 +17,7 @@ import numpy as np
 from clinadapt.data.dataset import SPLITS, Dataset, Split
 from clinadapt.data.info import DatasetInfo, TaskType
 from clinadapt.errors import ConfigError
+from clinadapt.paths import share_like_new_file
 
 # Registered names and their small defaults; load_dataset("synthetic-binary") works offline.
 PRESETS: dict[str, dict] = {
@@ -139,6 +140,7 @@ def write_synthetic_npz(
                 labels = onehot if task is TaskType.MULTILABEL else onehot.argmax(axis=1)[:, None]
                 with archive.open(f"{split}_labels.npy", "w") as out:
                     np.lib.format.write_array(out, labels.astype(np.uint8), allow_pickle=False)
+        share_like_new_file(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
