@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shlex
 import sys
 from pathlib import Path
@@ -26,6 +27,21 @@ def default_weights(architecture: str = "mobilenetv2_100") -> str:
     root = os.environ.get("CLINADAPT_WEIGHTS") or SHARED / "weights"
     found = find_local_weights(architecture, root)
     return str(found) if found else "none"
+
+
+def peak_mb() -> float:
+    """This process's peak resident set size so far (ru_maxrss)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
 
 
 def cpu_name() -> str:

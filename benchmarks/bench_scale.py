@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,23 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import peak_mb, rss_mb
+
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1}
 METHODS = ["knn", "prototype", "linear"]
 SHOTS = ["1", "10", "all"]
-
-
-def peak_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def rss_mb() -> float:
-    """Current resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except OSError:
-        return 0.0
-    return pages * resource.getpagesize() / 2**20
 
 
 def split_sizes(n: int) -> dict[str, int]:

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import peak_mb
+
 BACKBONE = "timm:vit_small_patch16_224"
 VARIANTS = {  # method, precision, gradient checkpointing
     "full-fp32": ("full", "fp32", "auto"),
@@ -45,11 +46,6 @@ VARIANTS = {  # method, precision, gradient checkpointing
     "lora-fp32-stored": ("lora", "fp32", False),
     "full-bf16": ("full", "bf16", "auto"),
 }
-
-
-def peak_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def worker(variant: str, batch: int, steps: int, warmup: int, threads: int) -> dict:
