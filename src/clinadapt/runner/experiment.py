@@ -410,7 +410,8 @@ def _embedding_flops(backbone: Any, preprocess: Any, images: Any) -> float:
 
     from clinadapt.engine.flops import counting_flops
 
-    x = torch.as_tensor(preprocess(np.asarray(images[np.array([0])]))).float()
+    device = next(backbone.parameters()).device  # where extraction left it
+    x = torch.as_tensor(preprocess(np.asarray(images[np.array([0])]))).float().to(device)
     with torch.inference_mode(), counting_flops() as count:
         backbone.eval().embed(x)
     return float(count.total)

@@ -32,7 +32,9 @@ PACKAGES = ("clinadapt", "torch", "torchvision", "timm", "numpy", "scikit-learn"
 def is_main_process() -> bool:
     """False on the non-zero ranks of ``accelerate launch`` / ``torchrun``, which must not write
     the run's files a second time."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from clinadapt.engine.distributed import rank
+
+    return rank() == 0
 
 
 def record_task(record: dict[str, Any]) -> Task:
