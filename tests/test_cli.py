@@ -424,3 +424,30 @@ def test_segment_refuses_unusable_prompts_before_any_work(
     assert main(["segment", *inputs, "--out", "out", "--quiet", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _bench_grid(argv: list[str]):
+    from clinadapt.cli import _grid_from_args, build_parser
+
+    return _grid_from_args(build_parser().parse_args(["bench", *argv]))
+
+
+def test_bench_method_options_flag_is_a_grid_over_method_options():
+    from clinadapt.runner.bench import expand
+
+    argv = ["--datasets", "synthetic-binary", "--methods", "knn,prototype", "--shots", "1"]
+    grid = _bench_grid([*argv, "--seeds", "1", "--method_options", "{knn: {k: [5, 20]}}"])
+    assert grid.method_options == {"knn": {"k": [5, 20]}}
+    runs = expand(grid)
+    assert sorted({c.method_options["k"] for c in runs if c.method == "knn"}) == [5, 20]
+    assert {c.method for c in runs if "k" not in c.method_options} == {"prototype"}
+    # method.NAME.OPTION=VALUE adds to the flag's options of that method
+    grid = _bench_grid([*argv, "--method_options", "{knn: {k: 5}}", "method.knn.temperature=0.1"])
+    assert grid.method_options == {"knn": {"k": 5, "temperature": 0.1}}
+
+
+@pytest.mark.parametrize("value", ["[1, 2]", "{knn: 5}", "{knn: {k: [5"])
+def test_bench_method_options_flag_rejects_what_is_not_a_mapping(value, tmp_path, no_work, capsys):
+    argv = ["bench", "--datasets", "synthetic-binary", "--method_options", value]
+    assert main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--method_options" in capsys.readouterr().err

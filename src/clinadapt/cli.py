@@ -328,6 +328,21 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yaml_mapping(text: str, flag: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag} {text!r} is not valid YAML: {err}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(
+            f"{flag} takes a YAML mapping of method to options, like "
+            f"'{{knn: {{k: [5, 20]}}}}', got {text!r}"
+        )
+    return value
+
+
 def _grid_from_args(args: argparse.Namespace):
     import yaml
 
@@ -342,8 +357,10 @@ def _grid_from_args(args: argparse.Namespace):
         if value is not None:
             items = [v.strip() for v in value.split(",") if v.strip()]
             options[axis] = items if axis in LIST_AXES else [yaml.safe_load(v) for v in items]
-    if args.tta_options is not None:  # {method: {option: value}}, as YAML
-        options["tta_options"] = yaml.safe_load(args.tta_options)
+    for flag in ("method_options", "tta_options"):  # {method: {option: value}}, as YAML
+        value = getattr(args, flag)
+        if value is not None:
+            options[flag] = _yaml_mapping(value, f"--{flag}")
     if args.seeds is not None:
         options["seeds"] = args.seeds
     base = dict(options.get("base", {}))
