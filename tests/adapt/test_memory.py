@@ -39,3 +39,12 @@ def test_fit_and_predict_hold_one_float64_copy_of_the_features(name):
     predict = _peak(lambda: method.predict_proba(queries))
     assert predict < 160 * 2**20  # k-NN: blocks of 4M similarities (before: 16M, 540 MB)
     np.testing.assert_array_equal(features, before)  # the caller's features are untouched
+
+
+def test_knn_converts_queries_a_block_at_a_time():
+    rng = np.random.default_rng(0)
+    support, labels = rng.standard_normal((1000, 64)), rng.integers(0, 2, (1000, 1))
+    queries = rng.standard_normal((400_000, 64), dtype=np.float32)  # 100 MiB
+    method = create_method("knn", {}).fit(support, labels, TaskType.BINARY, 2)
+    predict = _peak(lambda: method.predict_proba(queries))
+    assert predict < queries.size * 8  # less than a float64 copy of them (before: 1.7 copies)

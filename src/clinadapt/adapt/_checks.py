@@ -24,15 +24,17 @@ def row_step(x: np.ndarray) -> int:
     return max(1, ROW_BLOCK_ELEMENTS // max(1, x.shape[1]))
 
 
-def check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
-    """A finite float64 ``(N, D)`` array with N >= 1: always a new array, which the methods may
-    change in place instead of allocating another copy of the features."""
+def check_features(features: np.ndarray, what: str = "features", copy: bool = True) -> np.ndarray:
+    """A finite ``(N, D)`` array with N >= 1. With ``copy`` it is a new float64 array, which the
+    methods may change in place instead of allocating another copy of the features; without, the
+    input itself, for methods that convert it a block of rows at a time."""
     x = np.asarray(features)
     if x.ndim != 2 or x.shape[0] == 0:
         raise DataError(f"{what} must be a non-empty 2-D array (N, D), got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{what} must be numeric, got dtype {x.dtype}")
-    x = x.astype(np.float64)
+    if copy:
+        x = x.astype(np.float64)
     step = row_step(x)
     bad = np.concatenate([~np.isfinite(x[i : i + step]).all(axis=1) for i in row_blocks(x)])
     if bad.any():
@@ -64,11 +66,12 @@ def check_fit_inputs(
     return x, y, task, val
 
 
-def check_query(features: np.ndarray, dim: int | None) -> np.ndarray:
-    """Query features for ``predict_proba``; ``dim`` is None when the method was never fitted."""
+def check_query(features: np.ndarray, dim: int | None, copy: bool = True) -> np.ndarray:
+    """Query features for ``predict_proba``; ``dim`` is None when the method was never fitted.
+    ``copy`` as in ``check_features``."""
     if dim is None:
         raise RuntimeError("call fit() before predict_proba()")
-    x = check_features(features, "query features")
+    x = check_features(features, "query features", copy=copy)
     if x.shape[1] != dim:
         raise DataError(
             f"query features have dimension {x.shape[1]}, but the method was fitted on {dim}"

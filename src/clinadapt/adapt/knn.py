@@ -64,13 +64,14 @@ class KNN(FrozenFeatureMethod):
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         support = self._support
-        q = check_query(features, None if support is None else support.shape[1])
-        q = l2_normalise(q, in_place=True)
+        # Queries are converted and normalised a block at a time: no float64 copy of them all.
+        q = check_query(features, None if support is None else support.shape[1], copy=False)
         k = min(self.config.k, len(support))
         out = np.empty((len(q), self._targets.shape[1]))
         step = max(1, _BLOCK_ELEMENTS // len(support))
         for start in range(0, len(q), step):
-            sim = q[start : start + step] @ support.T
+            block = l2_normalise(q[start : start + step].astype(np.float64), in_place=True)
+            sim = block @ support.T
             idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
             top = np.take_along_axis(sim, idx, axis=1)
             # Shifting by the row maximum leaves the normalised votes unchanged and avoids overflow.
