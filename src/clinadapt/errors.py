@@ -26,3 +26,7 @@ class UnsafeCheckpointError(ClinadaptError):
 
 class ChecksumWarning(UserWarning):
     """A local data file whose checksum differs from the official release."""
+
+
+class BatchStatisticsWarning(UserWarning):
+    """Test-time adaptation from batch statistics on batch norms that never held any."""

@@ -125,3 +125,26 @@ def test_gradient_methods_run_inside_inference_mode():
         inside = [x.clone() for x in batches]
         result = create_tta("tent", {"lr": 2.0}).run(model, inside, mode="continual")
     np.testing.assert_array_equal(result.probabilities, expected.probabilities)
+
+
+@pytest.mark.parametrize("name", sorted(TTA_METHODS.names()))
+def test_batch_statistics_on_initial_batch_norms_warn(name):
+    import warnings
+
+    from clinadapt.errors import BatchStatisticsWarning
+
+    folded, trained = tiny_model(), tiny_model()
+    for bn in (folded.features.bn1, folded.features.bn2):
+        bn.reset_running_stats()  # mean 0, variance 1: what folded TFLite weights hold
+    method = create_tta(name, options(name))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = method.run(folded, tiny_batches())
+        quiet = method.run(trained, tiny_batches())
+    warned = [w for w in caught if issubclass(w.category, BatchStatisticsWarning)]
+    uses_batch_statistics = name in {"bn", "tent", "sar", "eata"}
+    assert len(warned) == uses_batch_statistics
+    assert result.details.get("batch_norm_statistics") == ("initial" if warned else None)
+    assert "batch_norm_statistics" not in quiet.details
+    if warned:
+        assert "tinynet" in str(warned[0].message) and "'t3a'" in str(warned[0].message)

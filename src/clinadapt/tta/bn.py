@@ -91,6 +91,9 @@ class BatchNormAdapt(TTAMethod):
     def min_batch(self, model: TTAModel) -> int:
         return 1 if self.config.prior > 0 else 2
 
+    def uses_batch_statistics(self, model: TTAModel) -> bool:
+        return True
+
     def start(
         self,
         model: TTAModel,

@@ -85,6 +85,9 @@ class NormAffineMethod(TTAMethod):
     def min_batch(self, model: TTAModel) -> int:
         return 2 if batch_norms(model) else 1
 
+    def uses_batch_statistics(self, model: TTAModel) -> bool:
+        return bool(batch_norms(model))  # configure_norms switches them to batch statistics
+
     def scaled_lr(self, batch_size: int) -> float:
         return self.config.lr * batch_size / REFERENCE_BATCH
 

@@ -114,6 +114,20 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def initial_batch_norms(model: nn.Module) -> bool:
+    """Whether every batch norm with running statistics still holds their initial values (mean 0,
+    variance 1): weights converted with batch norm folded into the convolutions (TFLite exports
+    such as our MobileNets) or a network never trained. Its features were never normalised by
+    any statistics, so test-batch statistics change them rather than correct a shift."""
+    norms = [m for m in batch_norms(model) if m.running_mean is not None]
+    return bool(norms) and all(
+        bool((m.running_mean == 0).all())
+        and m.running_var is not None
+        and torch.allclose(m.running_var, torch.ones_like(m.running_var), rtol=0, atol=1e-4)
+        for m in norms
+    )
+
+
 def norm_affine_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The affine parameters (scale and shift) of every normalisation layer, by name."""
     return [
