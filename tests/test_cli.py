@@ -446,6 +446,18 @@ def test_bench_method_options_flag_is_a_grid_over_method_options():
     assert grid.method_options == {"knn": {"k": 5, "temperature": 0.1}}
 
 
+def test_bench_option_flags_add_to_the_config_files_options(tmp_path):
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        "methods: [knn, prototype]\nmethod_options: {knn: {k: 5, temperature: 0.2}}\n"
+        "tta_options: {bn: {prior: 4}}\n"
+    )
+    flags = ["--method_options", "{knn: {k: 9}}", "--tta_options", "{tent: {lr: 0.01}}"]
+    grid = _bench_grid(["--config", str(config), "--ttas", "bn,tent", *flags])
+    assert grid.method_options == {"knn": {"k": 9, "temperature": 0.2}}
+    assert grid.tta_options == {"bn": {"prior": 4}, "tent": {"lr": 0.01}}
+
+
 @pytest.mark.parametrize("value", ["[1, 2]", "{knn: 5}", "{knn: {k: [5"])
 def test_bench_method_options_flag_rejects_what_is_not_a_mapping(value, tmp_path, no_work, capsys):
     argv = ["bench", "--datasets", "synthetic-binary", "--method_options", value]

@@ -359,8 +359,11 @@ def _grid_from_args(args: argparse.Namespace):
             options[axis] = items if axis in LIST_AXES else [yaml.safe_load(v) for v in items]
     for flag in ("method_options", "tta_options"):  # {method: {option: value}}, as YAML
         value = getattr(args, flag)
-        if value is not None:
-            options[flag] = _yaml_mapping(value, f"--{flag}")
+        if value is not None:  # merged, per method, into the --config file's
+            merged = dict(options.get(flag) or {})
+            for method, values in _yaml_mapping(value, f"--{flag}").items():
+                merged[method] = {**merged.get(method, {}), **values}
+            options[flag] = merged
     if args.seeds is not None:
         options["seeds"] = args.seeds
     base = dict(options.get("base", {}))
