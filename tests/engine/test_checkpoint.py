@@ -211,3 +211,22 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
         tiny_model(), tmp_path, epochs=3, resume=True, on_epoch_end=lambda e, r: epochs.append(e)
     )
     assert epochs == [2, 3] and len(result.history) == 3
+
+
+@pytest.mark.parametrize("threads_on_resume, warns", [(1, False), (2, True)])
+def test_resuming_with_another_thread_count_warns(tmp_path, caplog, threads_on_resume, warns):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with pytest.raises(KeyboardInterrupt):
+            fit(tiny_model(), tmp_path, epochs=2, on_epoch_end=stop_after(1))
+        torch.set_num_threads(threads_on_resume)
+        with caplog.at_level("WARNING", logger="clinadapt.engine.loop"):
+            fit(tiny_model(), tmp_path, epochs=2, resume=True)
+    finally:
+        torch.set_num_threads(before)
+    warned = [r.getMessage() for r in caplog.records if "torch threads" in r.getMessage()]
+    assert len(warned) == warns
+    if warns:
+        assert "with 2 torch threads where it trained with 1" in warned[0]
+        assert "OMP_NUM_THREADS=1" in warned[0]

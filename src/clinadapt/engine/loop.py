@@ -8,6 +8,7 @@ run continues exactly as an uninterrupted one would have.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 SYNC_EVERY = 20
 """Training steps between looks at the loss on the host: each look waits for the device to
 finish, so looking every step would stall a GPU's queue of kernels."""
+
+log = logging.getLogger(__name__)
 
 
 def keep_frozen_norms_in_eval(model: nn.Module) -> None:
@@ -380,6 +383,7 @@ class Loop:
                 "stopped_early": self.stopped_early,
                 "sampler": self.sampler.state(),
                 "config": self.resolved,
+                "torch_threads": torch.get_num_threads(),
             },
             history_file=self.out_dir / "history.json",
         )
@@ -403,6 +407,17 @@ class Loop:
         self.best_epoch, self.best_score = meta["best_epoch"], meta["best_score"]
         self.best_val, self.best_state = meta["best_val"], ckpt.best
         self.bad_evals, self.stopped_early = meta["bad_evals"], meta["stopped_early"]
+        threads, saved = torch.get_num_threads(), meta.get("torch_threads")
+        if self.acc.device.type == "cpu" and saved not in (None, threads) and not meta["finished"]:
+            log.warning(
+                "resuming %s with %d torch threads where it trained with %d: on a CPU the "
+                "reduction order, and so the rest of the run, depends on the thread count; set "
+                "OMP_NUM_THREADS=%d to continue it exactly as an uninterrupted run",
+                self.out_dir,
+                threads,
+                saved,
+                saved,
+            )
         return meta["finished"]
 
 
