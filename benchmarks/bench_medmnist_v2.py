@@ -50,7 +50,7 @@ def summarise(dataset: str, out: Path) -> dict[str, Any]:
                 "test_acc": rec["metrics"]["test"]["acc"],
                 "test_auc_ci95": rec["metrics"]["test_ci95"]["auc"],
                 "val_auc_best": max(r["val_auc"] for r in history),
-                "best_epoch": max(history, key=lambda r: r["val_auc"])["epoch"],
+                "best_epoch": rec["method"]["selected"]["best_epoch"],
                 "epochs": len(history),
                 "time_per_epoch_s": rec["timings"]["time_per_epoch_s"],
                 "train_throughput": rec["timings"].get("train_throughput"),

@@ -5,7 +5,7 @@ autocast, with NCHW and channels-last tensors. Every set-up starts from the same
 and steps on the same real batches (synthetic ones when no data is found); the set-ups alternate
 ``--rounds`` times so that all see the same machine load, and each step is timed by the
 process's CPU time (wall time on this shared machine swings by half from minute to minute).
-Reported per set-up: median CPU seconds per step, images/s, TFLOP/s (``flop_counter``, forward
+Reported per set-up: median CPU seconds per step, images/s, TFLOP/s (``engine.flops``, forward
 and backward once per image), the speed-up over fp32 NCHW, and how far its first gradient is
 from fp32's (cosine over all parameters): what bf16 buys and what it costs numerically, next to
 the channels-last gain. ``bench_epoch.py`` times whole epochs of the code as the run uses it.
@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, default_data_root, machine, write_result
@@ -84,10 +83,11 @@ class Setup:
 
 
 def step_flops(x: torch.Tensor, y: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter:
+    from clinadapt.engine.flops import counting_flops
+
+    with counting_flops() as count:
         Setup(False, False).gradient(x, y)
-    return float(counter.get_total_flops())
+    return float(count.total)
 
 
 def main() -> None:

@@ -67,6 +67,7 @@ def run(
     volume=False,
     preprocess=PREPROCESS,
     on_epoch_end=None,
+    resume=False,
     **options,
 ):
     """A fast single-process ``train`` on ``data``; ``options`` override ``TrainConfig``."""
@@ -81,6 +82,7 @@ def run(
         preprocess=preprocess,
         config=config,
         out_dir=tmp_path,
+        resume=resume,
         progress=False,
         volume=volume,
         on_epoch_end=on_epoch_end,

@@ -9,29 +9,15 @@ from torch import nn
 
 from clinadapt.engine import loop as loop_module
 from clinadapt.engine.flops import counting_flops, throughput
-from clinadapt.engine.train import train
-from clinadapt.engine.train_config import TrainConfig
 from clinadapt.errors import ClinadaptError
 
-from .ddp_script import PREPROCESS, tiny_data, tiny_model
+from .ddp_script import run, tiny_data, tiny_model
 
 DATA = tiny_data(n_train=24, n_val=8)
-OPTIONS = {"batch_size": 8, "precision": "fp32", "device": "cpu", "augment": "none"}
 
 
-def fit(model, out_dir, resume=False, **options):
-    return train(
-        model,
-        (DATA["train"].images, DATA["train"].labels),
-        (DATA["val"].images, DATA["val"].labels),
-        task="binary",
-        num_classes=2,
-        preprocess=PREPROCESS,
-        config=TrainConfig(**{**OPTIONS, "epochs": 2, **options}),
-        out_dir=out_dir,
-        resume=resume,
-        progress=False,
-    )
+def fit(model, out_dir, **options):
+    return run(model, DATA, out_dir, batch_size=8, **options)
 
 
 def test_flops_of_a_training_step_are_counted_by_hand(tmp_path):

@@ -15,13 +15,10 @@ ROW_BLOCK_ELEMENTS = 1 << 20
 many examples there are."""
 
 
-def row_blocks(x: np.ndarray) -> range:
-    """Start rows of blocks of about ``ROW_BLOCK_ELEMENTS`` values (step: ``row_step(x)``)."""
-    return range(0, len(x), row_step(x))
-
-
-def row_step(x: np.ndarray) -> int:
-    return max(1, ROW_BLOCK_ELEMENTS // max(1, x.shape[1]))
+def row_slices(x: np.ndarray) -> list[slice]:
+    """Blocks of rows of ``x`` of about ``ROW_BLOCK_ELEMENTS`` values each."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, x.shape[1]))
+    return [slice(start, start + step) for start in range(0, len(x), step)]
 
 
 def check_features(features: np.ndarray, what: str = "features", copy: bool = True) -> np.ndarray:
@@ -35,8 +32,7 @@ def check_features(features: np.ndarray, what: str = "features", copy: bool = Tr
         raise DataError(f"{what} must be numeric, got dtype {x.dtype}")
     if copy:
         x = x.astype(np.float64)
-    step = row_step(x)
-    bad = np.concatenate([~np.isfinite(x[i : i + step]).all(axis=1) for i in row_blocks(x)])
+    bad = np.concatenate([~np.isfinite(x[rows]).all(axis=1) for rows in row_slices(x)])
     if bad.any():
         raise DataError(
             f"{what} contain NaN or infinite values in {int(bad.sum())} of {len(x)} rows "
@@ -89,6 +85,5 @@ def targets(y: np.ndarray, task: TaskType, num_classes: int) -> np.ndarray:
 def l2_normalise(x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Rows scaled to unit length; all-zero rows stay zero instead of becoming NaN. ``in_place``
     overwrites ``x`` (a copy from ``check_features``) instead of allocating another array."""
-    step = row_step(x)
-    norms = np.concatenate([np.linalg.norm(x[i : i + step], axis=1) for i in row_blocks(x)])
+    norms = np.concatenate([np.linalg.norm(x[rows], axis=1) for rows in row_slices(x)])
     return np.divide(x, np.maximum(norms, 1e-12)[:, None], out=x if in_place else None)

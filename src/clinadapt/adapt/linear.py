@@ -25,7 +25,7 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from clinadapt.adapt._checks import check_fit_inputs, check_query, row_blocks, row_step
+from clinadapt.adapt._checks import check_fit_inputs, check_query, row_slices
 from clinadapt.adapt.base import METHODS, FrozenFeatureMethod
 from clinadapt.data.info import TaskType
 from clinadapt.errors import ClinadaptError, ConfigError
@@ -226,9 +226,9 @@ class LinearProbe(FrozenFeatureMethod):
 def _standard_scaler(x: np.ndarray) -> StandardScaler:
     """``StandardScaler().fit(x)`` a block of rows at a time: fitting at once makes temporaries
     of twice the size of ``x``. One block (up to a million values) is the plain fit."""
-    scaler, step = StandardScaler(), row_step(x)
-    for start in row_blocks(x):
-        scaler.partial_fit(x[start : start + step])
+    scaler = StandardScaler()
+    for rows in row_slices(x):
+        scaler.partial_fit(x[rows])
     return scaler
 
 

@@ -276,9 +276,9 @@ class FeatureBundle:
     key: str
     source: FeatureSource | None = None
     domains: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per split, the domain of each example where the data names one."""
     extraction: dict[str, Any] | None = None
     """``engine.flops.throughput`` of the splits extracted (not read from the cache)."""
-    """Per split, the domain of each example where the data names one."""
 
 
 def prepare_features(cfg: ExperimentConfig, *, progress: bool = True) -> FeatureBundle:
